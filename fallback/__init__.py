@@ -1,0 +1,1 @@
+"""The rlimit fallback backend: rlimits plus a whole-tree watchdog, for hosts without cgroups."""

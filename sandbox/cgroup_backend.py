@@ -1,0 +1,290 @@
+"""The `cgroup` backend: the launcher creates the cgroups itself.
+
+Covers pure cgroup v2 (root without systemd, a delegated subtree, a container with a writable
+cgroupfs), hybrid hosts (v1 memory/pids controllers plus a controller-less v2 hierarchy used for
+cgroup.kill, cgroup.events and cpu.stat) and legacy v1. Each controller comes from v2 when v2
+offers it to our cgroup, else from its v1 hierarchy. Every sandbox is created below the cgroup the
+launcher runs in, in each hierarchy it uses.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from sandbox import cgroupfs
+from sandbox.cgroupfs import Hierarchy
+from sandbox.errors import BackendUnavailable, SandboxError
+from sandbox.limits import Limits, format_size
+from sandbox.result import Reason, Usage
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+# Where we move the processes of our own cgroup so that it may enable controllers for its
+# children (cgroup v2's no-internal-process rule). It is not a sandbox: gc leaves it alone.
+LEAF = "aero-leaf"
+CONTROLLERS = ("memory", "pids")
+
+READ_ONLY_REMEDY = (
+    "the cgroup filesystem is read-only (an unprivileged container?): run the container with "
+    "--cgroupns=private and a writable /sys/fs/cgroup, or --privileged, or Podman's "
+    "--security-opt unmask=/sys/fs/cgroup; or use --backend rlimit"
+)
+PERMISSION_REMEDY = (
+    "run as root, or in a cgroup delegated to you "
+    "(systemd-run --user --scope -p Delegate=yes aero-sandbox ...), or use --backend rlimit"
+)
+
+
+class CgroupBackend:
+    name = "cgroup"
+    tick_s: float | None = None
+
+    def __init__(self, hierarchies: list[Hierarchy] | None = None) -> None:
+        self._hierarchies = hierarchies
+        self.not_enforced: list[str] = []
+        self.dirs: dict[str, int] = {}  # every directory we created -> its cgroup version
+        self.memory: tuple[str, int] | None = None  # (directory, version) holding memory limits
+        self.pids: tuple[str, int] | None = None
+        self.v2: str | None = None  # our v2 directory, for cgroup.kill/cgroup.events/cpu.stat
+        self._oom_fds: tuple[int, int] | None = None  # v1: (eventfd, memory.oom_control fd)
+        self._parents: set[str] = set()
+
+    # -- prepare ------------------------------------------------------------------------------
+    def prepare(self, limits: Limits, argv: list[str]) -> None:
+        hierarchies = self._hierarchies if self._hierarchies is not None else cgroupfs.discover()
+        v2 = next((h for h in hierarchies if h.version == 2), None)
+        sources: dict[str, Hierarchy] = {}
+        for controller in CONTROLLERS:
+            if v2 is not None and controller in v2.controllers:
+                sources[controller] = v2
+            else:
+                v1 = next(
+                    (h for h in hierarchies if h.version == 1 and controller in h.controllers), None
+                )
+                if v1 is not None:
+                    sources[controller] = v1
+        if "memory" not in sources and limits.memory_bytes is not None:
+            raise BackendUnavailable(
+                "cgroup",
+                "no memory controller is available to this process's cgroup",
+                "enable the memory controller (cgroup_enable=memory) or delegate it to us",
+            )
+        if "pids" not in sources:
+            self.not_enforced.append("pids")
+        name = cgroupfs.sandbox_name()
+        try:
+            if v2 is not None:
+                wanted = {c for c, h in sources.items() if h is v2}
+                self.v2 = self._create(_enable_controllers(v2.own, wanted), name, 2)
+            placed = {
+                controller: (self.v2, 2)
+                if hierarchy is v2 and self.v2
+                else (self._create(hierarchy.own, name, 1), 1)
+                for controller, hierarchy in sources.items()
+            }
+            self.memory, self.pids = placed.get("memory"), placed.get("pids")
+            self._set_limits(limits)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _create(self, parent: str, name: str, version: int) -> str:
+        path = os.path.join(parent, name)
+        if path in self.dirs:
+            return path
+        try:
+            os.mkdir(path)
+        except OSError as err:
+            raise _unavailable(parent, err) from err
+        self.dirs[path] = version
+        self._parents.add(parent)
+        return path
+
+    def _set_limits(self, limits: Limits) -> None:
+        if self.memory is not None:
+            path, version = self.memory
+            if version == 2:
+                if limits.memory_bytes is not None:
+                    _set(path, "memory.max", limits.memory_bytes)
+                    if os.path.exists(path + "/memory.swap.max"):
+                        _set(path, "memory.swap.max", 0)
+                # On OOM the kernel kills the whole sandbox, not one process of it (Linux 4.19+).
+                if os.path.exists(path + "/memory.oom.group"):
+                    _set(path, "memory.oom.group", 1)
+            else:
+                if limits.memory_bytes is not None:
+                    _set(path, "memory.limit_in_bytes", limits.memory_bytes)
+                    if os.path.exists(path + "/memory.memsw.limit_in_bytes"):
+                        _set(path, "memory.memsw.limit_in_bytes", limits.memory_bytes)
+                self._watch_v1_oom(path)
+        if self.pids is not None and limits.pids is not None:
+            _set(self.pids[0], "pids.max", limits.pids)
+
+    def _watch_v1_oom(self, path: str) -> None:
+        """v1 has no memory.oom.group: an eventfd tells us of an OOM so we can kill the group."""
+        try:
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            ofd = os.open(path + "/memory.oom_control", os.O_RDONLY)
+            cgroupfs.write(path + "/cgroup.event_control", f"{efd} {ofd}")
+        except OSError:
+            return  # no notification: the OOM counter still reports it at the end
+        self._oom_fds = (efd, ofd)
+
+    # -- run ----------------------------------------------------------------------------------
+    def child_setup(self) -> None:
+        for path in self.dirs:
+            cgroupfs.write(path + "/cgroup.procs", "0")
+
+    def started(self, pid: int) -> None:
+        pass
+
+    def watch_fds(self) -> list[int]:
+        return [self._oom_fds[0]] if self._oom_fds else []
+
+    def check(self) -> str | None:
+        if self.memory is None:
+            return None
+        path, version = self.memory
+        if version == 1:
+            if self._oom_fds is None:
+                return Reason.OOM if _oom_kills(path, 1) else None
+            try:
+                os.read(self._oom_fds[0], 8)
+            except BlockingIOError:
+                return None
+            return Reason.OOM
+        local = cgroupfs.read_keyed(path + "/memory.events.local") or cgroupfs.read_keyed(
+            path + "/memory.events"
+        )
+        return Reason.OOM if local.get("oom_kill") or local.get("oom_group_kill") else None
+
+    def _primary(self) -> tuple[str, int]:
+        if self.v2 is not None:
+            return self.v2, 2
+        return next(iter(self.dirs.items()))
+
+    def signal_all(self, signo: int) -> None:
+        cgroupfs.signal_all(self._primary()[0], signo)
+
+    def kill_all(self) -> None:
+        for path, version in sorted(self.dirs.items(), key=lambda item: -item[1]):
+            if not cgroupfs.kill_all(path, version):
+                raise SandboxError(f"processes in {path} did not die within 3 s of SIGKILL")
+
+    def measure(self) -> Usage:
+        peak = oom_kills = hits = None
+        cpu = None
+        if self.memory is not None:
+            path, version = self.memory
+            # memory.peak: Linux 5.19+; v1 has memory.max_usage_in_bytes.
+            peak = cgroupfs.read_int(
+                path + ("/memory.peak" if version == 2 else "/memory.max_usage_in_bytes")
+            )
+            oom_kills = _oom_kills(path, version)
+        if self.pids is not None:
+            hits = cgroupfs.read_keyed(self.pids[0] + "/pids.events").get("max")
+        if self.v2 is not None:
+            usec = cgroupfs.read_keyed(self.v2 + "/cpu.stat").get("usage_usec")
+            cpu = None if usec is None else usec / 1e6
+        return Usage(peak_memory_bytes=peak, oom_kills=oom_kills, pids_limit_hits=hits, cpu_s=cpu)
+
+    def remove(self) -> None:
+        if self._oom_fds is not None:
+            for fd in self._oom_fds:
+                os.close(fd)
+            self._oom_fds = None
+        for path in list(self.dirs):
+            cgroupfs.remove_tree(path)
+            del self.dirs[path]
+        for parent in self._parents:
+            cgroupfs.remove_stale(parent)
+
+    def describe(self) -> dict[str, Any]:
+        cgroups = {}
+        if self.memory is not None:
+            cgroups["memory"] = self.memory[0]
+        if self.pids is not None:
+            cgroups["pids"] = self.pids[0]
+        if self.v2 is not None:
+            cgroups["unified"] = self.v2
+        versions = sorted({v for v in self.dirs.values()})
+        mode = "v2" if versions == [2] else "v1" if versions == [1] else "hybrid"
+        return {"cgroups": cgroups, "cgroup_mode": mode}
+
+
+def _oom_kills(path: str, version: int) -> int | None:
+    if version == 2:
+        return cgroupfs.read_keyed(path + "/memory.events").get("oom_kill")
+    return cgroupfs.read_keyed(path + "/memory.oom_control").get("oom_kill")
+
+
+def _set(path: str, name: str, value: int) -> None:
+    """Write a limit and read it back: a limit that did not take is an error (systemd#9641)."""
+    file = f"{path}/{name}"
+    try:
+        cgroupfs.write(file, str(value))
+    except OSError as err:
+        raise SandboxError(f"cannot set {file} to {value}: {err.strerror}") from err
+    got = cgroupfs.read_int(file)
+    # v1 rounds memory limits down to whole pages.
+    if got is None or not (value - os.sysconf("SC_PAGE_SIZE") < got <= value):
+        shown = format_size(value) if "memory" in name else str(value)
+        raise SandboxError(
+            f"{file} reads back {got} after writing {value} ({shown}): the limit did not take"
+        )
+
+
+def _enable_controllers(own: str, wanted: set[str]) -> str:
+    """Make `own` able to give `wanted` controllers to a child cgroup; return it as the parent.
+
+    cgroup v2 lets a cgroup enable controllers for its children only while it holds no
+    processes itself (the root excepted), so first move our cgroup's processes, ourselves
+    included, into a leaf below it (BenchExec and container inits do the same).
+    """
+    missing = wanted - set(cgroupfs.read_words(own + "/cgroup.subtree_control"))
+    if not missing:
+        return own
+    is_root = not os.path.exists(own + "/cgroup.type")
+    for _attempt in range(20):
+        if not is_root:
+            _move_processes_to_leaf(own)
+        try:
+            cgroupfs.write(
+                own + "/cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(missing))
+            )
+            return own
+        except OSError as err:
+            if err.errno == errno.EBUSY:  # a process forked into `own` meanwhile: move it too
+                continue
+            raise _unavailable(own, err) from err
+    raise SandboxError(
+        f"cannot enable {', '.join(sorted(missing))} in {own}: processes keep appearing"
+    )
+
+
+def _move_processes_to_leaf(own: str) -> None:
+    leaf = os.path.join(own, LEAF)
+    try:
+        os.mkdir(leaf)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise _unavailable(own, err) from err
+    for pid in cgroupfs.read_words(own + "/cgroup.procs"):
+        try:
+            cgroupfs.write(leaf + "/cgroup.procs", pid)
+        except ProcessLookupError:
+            pass
+        except OSError as err:
+            if err.errno != errno.ESRCH:
+                raise _unavailable(own, err) from err
+
+
+def _unavailable(parent: str, err: OSError) -> BackendUnavailable:
+    remedy = READ_ONLY_REMEDY if err.errno == errno.EROFS else PERMISSION_REMEDY
+    return BackendUnavailable(
+        "cgroup", f"cannot create a cgroup in {parent}: {err.strerror}", remedy
+    )

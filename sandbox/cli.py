@@ -1,0 +1,54 @@
+"""The command line. `main()` is the entry point.
+
+A run (`aero-sandbox [OPTIONS] [--] COMMAND...`) is parsed by sandbox.options, without
+importing click; the subcommands (doctor, env, list, gc) and --help are click commands.
+Only this module turns errors into exit codes: 125 for the launcher's own, like timeout(1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from sandbox.errors import SandboxError
+from sandbox.result import EXIT_ERROR
+
+SUBCOMMANDS = ("doctor", "env", "list", "gc")
+HELP_FLAGS = ("-h", "--help", "--version")
+
+
+def main(args: list[str] | None = None) -> int:
+    args = sys.argv[1:] if args is None else args
+    try:
+        if args and (args[0] in SUBCOMMANDS or args[0] in HELP_FLAGS):
+            return _click_main(args)
+        from sandbox.launch import execute
+        from sandbox.options import parse_run
+
+        if args[:1] == ["run"]:
+            args = args[1:]
+        return execute(parse_run(args, os.environ, SUBCOMMANDS))
+    except SandboxError as err:
+        sys.stderr.write(f"aero-sandbox: {err.line()}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _click_main(args: list[str]) -> int:
+    from sandbox.commands import cli
+
+    try:
+        cli.main(args=args, prog_name="aero-sandbox", standalone_mode=False)
+    except SandboxError:
+        raise
+    except Exception as err:  # click's own usage errors
+        import click
+
+        if isinstance(err, click.ClickException):
+            sys.stderr.write(f"aero-sandbox: {err.format_message()}\n")
+            return EXIT_ERROR
+        if isinstance(err, click.exceptions.Exit):
+            return err.exit_code
+        raise
+    return 0

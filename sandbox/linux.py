@@ -1,0 +1,56 @@
+"""The few Linux calls Python's standard library lacks: prctl and signalfd (through ctypes).
+
+signalfd gives each signal's sender (si_code), so a Ctrl-C that the terminal already delivered
+to the child's process group is not sent to it a second time, while a `kill -INT` aimed at the
+launcher is forwarded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+SFD_NONBLOCK = os.O_NONBLOCK
+SFD_CLOEXEC = os.O_CLOEXEC
+SI_KERNEL = 0x80  # a signal the kernel sent: the terminal's ^C, ^\, a hangup
+_SIGINFO_SIZE = 128
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def set_child_subreaper() -> None:
+    """Orphaned descendants (double forks, setsid daemons) are reparented to us, not to init."""
+    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0))
+
+
+def set_parent_death_signal(signo: int) -> None:
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signo, 0, 0, 0))
+
+
+def signalfd(signals: set[int] | frozenset[int]) -> int:
+    """A non-blocking close-on-exec fd that reads the given (already blocked) signals."""
+    mask = sum(1 << (s - 1) for s in signals).to_bytes(_SIGINFO_SIZE, "little")
+    return _check(_libc.signalfd(-1, ctypes.c_char_p(mask), SFD_NONBLOCK | SFD_CLOEXEC))
+
+
+def read_signals(fd: int) -> list[tuple[int, int, int]]:
+    """(signal, si_code, sender pid) of each pending signal."""
+    try:
+        data = os.read(fd, _SIGINFO_SIZE * 16)
+    except BlockingIOError:
+        return []
+    found = []
+    for offset in range(0, len(data), _SIGINFO_SIZE):
+        signo, _errno, code, pid = struct.unpack_from("<IiiI", data, offset)
+        found.append((signo, code, pid))
+    return found

@@ -1,0 +1,221 @@
+"""How a run ended: the reason, the exit status aero-sandbox returns, the stderr line, the report."""
+
+from __future__ import annotations
+
+import os
+
+from sandbox.frozen import Frozen
+from sandbox.limits import Limits, format_duration, format_size
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal as _signal
+    from typing import Any
+else:
+    # The C half of `signal`: the module `signal` wraps it in enums, ~4 ms of start-up.
+    import _signal
+
+REPORT_VERSION = 1
+
+
+class Reason:
+    """Why the command ended. Plain strings (the report's values); `enum` costs ~3 ms to import."""
+
+    EXITED = "exited"  # the main process exited on its own
+    SIGNALED = "signaled"  # a signal killed it (not ours)
+    TIMEOUT = "timeout"  # --timeout fired
+    OOM = "oom"  # the kernel (or the fallback's watchdog) killed for memory
+    PIDS = "pids"  # it failed after hitting --pids
+    NOT_FOUND = "not_found"  # exit 127
+    NOT_EXECUTABLE = "not_executable"  # exit 126
+    ERROR = "error"  # the launcher's own failure, exit 125
+
+
+EXIT_TIMEOUT = 124
+EXIT_ERROR = 125
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+EXIT_OOM = 137
+
+
+class Usage(Frozen):
+    """What the sandbox measured. None where this backend or kernel cannot tell."""
+
+    __slots__ = ("peak_memory_bytes", "oom_kills", "pids_limit_hits", "cpu_s")
+    peak_memory_bytes: int | None
+    oom_kills: int | None
+    pids_limit_hits: int | None
+    cpu_s: float | None
+
+    def __init__(
+        self,
+        peak_memory_bytes: int | None = None,
+        oom_kills: int | None = None,
+        pids_limit_hits: int | None = None,
+        cpu_s: float | None = None,
+    ) -> None:
+        self._init(
+            peak_memory_bytes=peak_memory_bytes,
+            oom_kills=oom_kills,
+            pids_limit_hits=pids_limit_hits,
+            cpu_s=cpu_s,
+        )
+
+
+class RunResult(Frozen):
+    __slots__ = (
+        "reason",
+        "exit_code",
+        "child_exit_code",
+        "signal",
+        "wall_s",
+        "usage",
+        "limits",
+        "attempts",
+        "sandbox",
+        "killed_after_grace",
+        "detail",
+    )
+    reason: str
+    exit_code: int
+    child_exit_code: int | None
+    signal: int | None
+    wall_s: float
+    usage: Usage
+    limits: Limits
+    attempts: int
+    sandbox: dict[str, Any]
+    killed_after_grace: bool
+    detail: str | None
+
+    def __init__(
+        self,
+        *,
+        reason: str,
+        exit_code: int,
+        wall_s: float,
+        usage: Usage,
+        limits: Limits,
+        sandbox: dict[str, Any],
+        child_exit_code: int | None = None,
+        signal: int | None = None,
+        attempts: int = 1,
+        killed_after_grace: bool = False,
+        detail: str | None = None,
+    ) -> None:
+        self._init(
+            reason=reason,
+            exit_code=exit_code,
+            child_exit_code=child_exit_code,
+            signal=signal,
+            wall_s=wall_s,
+            usage=usage,
+            limits=limits,
+            attempts=attempts,
+            sandbox=sandbox,
+            killed_after_grace=killed_after_grace,
+            detail=detail,
+        )
+
+
+def classify(
+    status: int, ended_by: str | None, usage: Usage, limits: Limits
+) -> tuple[str, int, int | None, int | None]:
+    """(reason, exit code, child's own exit code, signal) from a wait status.
+
+    `ended_by` is what the launcher or the backend decided: our timeout fired (we sent the
+    signals), or the sandbox ran out of memory under our own limit (read from the kernel's
+    counters or the fallback's watchdog). Those win over how the child itself ended.
+    """
+    code = os.waitstatus_to_exitcode(status)
+    child_code, signo = (code, None) if code >= 0 else (None, -code)
+    if ended_by == Reason.TIMEOUT:
+        return Reason.TIMEOUT, EXIT_TIMEOUT, child_code, signo
+    if ended_by == Reason.OOM:
+        return Reason.OOM, EXIT_OOM, child_code, signo
+    exit_code = code if signo is None else 128 + signo
+    if exit_code != 0 and usage.pids_limit_hits and limits.pids is not None:
+        return Reason.PIDS, exit_code, child_code, signo
+    if signo is not None:
+        return Reason.SIGNALED, exit_code, None, signo
+    return Reason.EXITED, code, code, None
+
+
+def signal_name(signo: int) -> str:
+    for name in dir(_signal):
+        if (
+            name.startswith("SIG")
+            and not name.startswith("SIG_")
+            and getattr(_signal, name) == signo
+        ):
+            if name not in ("SIGIOT", "SIGPOLL", "SIGCLD"):
+                return name
+    return f"signal {signo}"
+
+
+def message(result: RunResult) -> str | None:
+    """The one stderr line for an abnormal ending, or None when there is nothing to say."""
+    usage, limits = result.usage, result.limits
+    if result.reason == Reason.TIMEOUT:
+        how = (
+            f"sent SIGTERM, then SIGKILL after {format_duration(limits.kill_after_s)}"
+            if result.killed_after_grace
+            else "sent SIGTERM"
+        )
+        return f"timed out after {format_duration(limits.timeout_s)}; {how}"
+    if result.reason == Reason.OOM:
+        peak = format_size(usage.peak_memory_bytes) if usage.peak_memory_bytes else "unknown"
+        return (
+            f"killed for memory: the command reached its {format_size(limits.memory_bytes)} limit "
+            f"(peak {peak}); raise --mem or make it use less"
+        )
+    if result.reason == Reason.PIDS:
+        ended = (
+            f"exited {result.child_exit_code}"
+            if result.child_exit_code is not None
+            else f"was killed by {signal_name(result.signal or 0)}"
+        )
+        return f"the command hit the --pids limit of {limits.pids} tasks and {ended}; raise --pids"
+    if result.reason == Reason.SIGNALED and result.signal not in (_signal.SIGINT, _signal.SIGPIPE):
+        return f"command killed by {signal_name(result.signal or 0)}"
+    if result.reason in (Reason.NOT_FOUND, Reason.NOT_EXECUTABLE, Reason.ERROR):
+        return result.detail
+    return None
+
+
+def report(
+    result: RunResult, argv: list[str], backend: str, choice: dict[str, Any]
+) -> dict[str, Any]:
+    """The JSON report (schema in README.md). Unknown values are null, never guessed."""
+    usage = result.usage
+    return {
+        "version": REPORT_VERSION,
+        "command": argv,
+        "backend": backend,
+        "reason": result.reason,
+        "exit_code": result.exit_code,
+        "child_exit_code": result.child_exit_code,
+        "signal": result.signal,
+        "signal_name": signal_name(result.signal) if result.signal else None,
+        "wall_s": round(result.wall_s, 6),
+        "cpu_s": None if usage.cpu_s is None else round(usage.cpu_s, 6),
+        "peak_memory_bytes": usage.peak_memory_bytes,
+        "oom_kills": usage.oom_kills,
+        "pids_limit_hits": usage.pids_limit_hits,
+        "attempts": result.attempts,
+        "killed_after_grace": result.killed_after_grace,
+        "limits": result.limits.as_dict(),
+        "sandbox": result.sandbox,
+        "backend_choice": choice,
+        "detail": result.detail,
+    }
+
+
+def write_report(path: str, data: dict[str, Any]) -> None:
+    import json  # only when a report is asked for: ~7 ms
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)

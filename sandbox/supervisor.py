@@ -1,0 +1,277 @@
+"""One run, start to end: spawn the child inside the sandbox, supervise it, tear everything down.
+
+    spawn       fork; the child joins the sandbox (backend.child_setup), then execs
+    supervise   poll a signalfd (SIGCHLD + forwarded signals) and the backend's fds, with
+                deadlines on time.monotonic(): timeout -> SIGTERM to all -> grace -> SIGKILL
+    tear down   one `finally`, fixed order: kill what is left -> reap -> measure -> remove the
+                sandbox -> release the guardian
+
+A guardian process, forked before the child, kills and removes the sandbox if the launcher
+itself dies (even by SIGKILL): it waits on a pipe whose write end only the launcher holds.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+
+from sandbox import linux
+from sandbox.errors import SandboxError
+from sandbox.limits import Limits
+from sandbox.result import (
+    EXIT_NOT_EXECUTABLE,
+    EXIT_NOT_FOUND,
+    Reason,
+    RunResult,
+    Usage,
+    classify,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal as _signal
+    from sandbox.backend import Backend
+else:
+    # The C half of `signal`: the module `signal` wraps it in enums, ~4 ms of start-up.
+    import _signal
+
+FORWARDED = frozenset(
+    {
+        _signal.SIGINT,
+        _signal.SIGTERM,
+        _signal.SIGHUP,
+        _signal.SIGQUIT,
+        _signal.SIGUSR1,
+        _signal.SIGUSR2,
+    }
+)
+HANDLED = FORWARDED | {_signal.SIGCHLD}
+
+
+class ExecFailed(Exception):
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class Guardian:
+    """A forked process that cleans up after a launcher that died without doing so."""
+
+    def __init__(self, backend: Backend) -> None:
+        read_end, self._write_end = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - runs in the guardian
+            try:
+                os.close(self._write_end)
+                os.setsid()  # out of the terminal's process group: ^C and ^Z are not for us
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):  # never hold the caller's pipes open
+                    os.dup2(null, fd)
+                if os.read(read_end, 1) != b"d":
+                    backend.kill_all()
+                    backend.remove()
+            finally:
+                os._exit(0)
+        os.close(read_end)
+
+    def release(self) -> None:
+        """The launcher cleaned up itself: let the guardian go and reap it (bounded)."""
+        os.write(self._write_end, b"d")
+        os.close(self._write_end)
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return
+        try:
+            select.select([pidfd], [], [], 2.0)
+        finally:
+            os.close(pidfd)
+        try:
+            os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass  # already reaped by the SIGCHLD loop
+
+
+def spawn(argv: list[str], backend: Backend, child_mask: set[int]) -> int:
+    """Fork, join the sandbox in the child, exec. Raises ExecFailed (126/127) or SandboxError."""
+    launcher = os.getpid()
+    read_end, write_end = os.pipe()  # close-on-exec: EOF means the exec happened
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(read_end)
+            linux.set_parent_death_signal(_signal.SIGKILL)
+            if os.getppid() != launcher:
+                os._exit(125)
+            try:
+                backend.child_setup()
+            except Exception as err:  # noqa: BLE001 - reported to the parent
+                os.write(write_end, f"setup:0:{err}".encode())
+                os._exit(125)
+            # Python ignores these; an exec keeps ignored signals ignored.
+            _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
+            _signal.signal(_signal.SIGXFSZ, _signal.SIG_DFL)
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, child_mask)
+            os.execvp(argv[0], argv)
+        except OSError as err:
+            os.write(write_end, f"exec:{err.errno}:{err.strerror}".encode())
+        finally:
+            os._exit(127)
+    os.close(write_end)
+    try:
+        backend.started(pid)
+        chunks = []
+        while chunk := os.read(read_end, 4096):
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+    if chunks:
+        kind, errno, message = b"".join(chunks).decode(errors="replace").split(":", 2)
+        if kind == "setup":
+            raise SandboxError(f"could not place the command in the sandbox: {message}")
+        raise ExecFailed(int(errno), message)
+    return pid
+
+
+def run(argv: list[str], limits: Limits, backend: Backend) -> RunResult:
+    """Run argv in an already prepared backend; always removes the sandbox before returning."""
+    start = time.monotonic()
+    times_before = os.times()
+    old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED)
+    sfd = linux.signalfd(HANDLED)
+    guardian: Guardian | None = None
+    status: int | None = None
+    ended_by: str | None = None
+    killed_after_grace = False
+    failure: RunResult | None = None
+    try:
+        linux.set_child_subreaper()
+        guardian = Guardian(backend)
+        try:
+            pid = spawn(argv, backend, old_mask)
+        except ExecFailed as err:
+            code = EXIT_NOT_FOUND if err.errno in (2, 20) else EXIT_NOT_EXECUTABLE
+            failure = RunResult(
+                reason=Reason.NOT_FOUND if code == EXIT_NOT_FOUND else Reason.NOT_EXECUTABLE,
+                exit_code=code,
+                wall_s=time.monotonic() - start,
+                usage=Usage(),
+                limits=limits,
+                sandbox=backend.describe(),
+                detail=f"cannot run {argv[0]!r}: {err}",
+            )
+            return failure
+        status, ended_by, killed_after_grace = _supervise(pid, sfd, backend, limits, start)
+    finally:
+        usage = _tear_down(backend, guardian, status is not None or failure is not None)
+        if status is not None and ended_by is None:
+            ended_by = usage[1]
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
+        os.close(sfd)
+    measured = usage[0]
+    if measured.cpu_s is None:  # no cgroup cpu.stat: we reap every descendant (subreaper)
+        after = os.times()
+        cpu = (after.children_user - times_before.children_user) + (
+            after.children_system - times_before.children_system
+        )
+        measured = Usage(
+            measured.peak_memory_bytes, measured.oom_kills, measured.pids_limit_hits, cpu
+        )
+    assert status is not None
+    reason, code, child_code, signo = classify(status, ended_by, measured, limits)
+    return RunResult(
+        reason=reason,
+        exit_code=code,
+        child_exit_code=child_code,
+        signal=signo,
+        wall_s=time.monotonic() - start,
+        usage=measured,
+        limits=limits,
+        sandbox=backend.describe(),
+        killed_after_grace=killed_after_grace,
+    )
+
+
+def _supervise(
+    pid: int, sfd: int, backend: Backend, limits: Limits, start: float
+) -> tuple[int, str | None, bool]:
+    """Wait for the main child; returns (wait status, what ended it, SIGKILL needed after grace)."""
+    poller = select.poll()
+    poller.register(sfd, select.POLLIN)
+    watched = backend.watch_fds()
+    for fd in watched:
+        poller.register(fd, select.POLLIN)
+    deadline = start + limits.timeout_s if limits.timeout_s else None
+    kill_at: float | None = None
+    next_tick = start + backend.tick_s if backend.tick_s else None
+    ended_by: str | None = None
+    killed_after_grace = False
+    status: int | None = None
+    while status is None:
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            deadline, ended_by = None, ended_by or Reason.TIMEOUT
+            backend.signal_all(_signal.SIGTERM)
+            kill_at = now + limits.kill_after_s
+        if kill_at is not None and now >= kill_at:
+            kill_at, killed_after_grace = None, True
+            backend.kill_all()
+        check = next_tick is not None and now >= next_tick
+        if check and backend.tick_s:
+            next_tick = now + backend.tick_s
+        waits = [t for t in (deadline, kill_at, next_tick) if t is not None]
+        timeout_ms = -1 if not waits else max(0.0, min(waits) - now) * 1000
+        for fd, _events in poller.poll(timeout_ms):
+            if fd != sfd:
+                check = True
+                continue
+            for signo, code, _sender in linux.read_signals(sfd):
+                if signo == _signal.SIGCHLD:
+                    status = _reap(pid) if status is None else status
+                elif status is None and not _terminal_already_sent(code, pid):
+                    os.kill(pid, signo)
+        if check and ended_by is None and (reason := backend.check()):
+            ended_by = reason
+            backend.kill_all()
+    return status, ended_by, killed_after_grace
+
+
+def _terminal_already_sent(code: int, pid: int) -> bool:
+    """A ^C or ^\\ from the terminal reached the child's process group along with us."""
+    if code != linux.SI_KERNEL:
+        return False
+    try:
+        return os.getpgid(pid) == os.getpgrp()
+    except ProcessLookupError:
+        return True
+
+
+def _reap(main: int) -> int | None:
+    """Reap every exited child (we are a subreaper); return the main child's status if it ended."""
+    found = None
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return found
+        if pid == 0:
+            return found
+        if pid == main:
+            found = status
+
+
+def _tear_down(backend: Backend, guardian: Guardian | None, ran: bool) -> tuple[Usage, str | None]:
+    """Kill what is left, reap, measure, remove the sandbox, release the guardian. In that order."""
+    try:
+        backend.kill_all()
+        _reap(-1)
+        reason = backend.check() if ran else None
+        usage = backend.measure()
+    finally:
+        try:
+            backend.remove()
+        finally:
+            if guardian is not None:
+                guardian.release()
+    return usage, reason

@@ -1,0 +1,109 @@
+"""Shared test helpers.
+
+The launcher is always run as a real subprocess (`python -m sandbox` from this checkout): click's
+CliRunner cannot see a child process's output, and only a real process tree tests the kernel.
+A test that needs a capability the host lacks is skipped with the reason; with
+AERO_REQUIRE_CAPABILITIES=1 (the VM stage) such a skip is a failure instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCHER = [sys.executable, "-m", "sandbox"]
+REQUIRE_ALL = os.environ.get("AERO_REQUIRE_CAPABILITIES") == "1"
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip (or, where every capability is required, fail) unless `condition` holds."""
+    if condition:
+        return
+    if REQUIRE_ALL:
+        pytest.fail(f"missing capability (required here): {reason}")
+    pytest.skip(reason)
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AERO_") or k.startswith("AERO_TEST")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_launcher(
+    args: list[str], timeout: float = 60, env: dict[str, str] | None = None, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
+    """Run aero-sandbox to the end, bounded; on overrun kill its whole process group."""
+    proc = subprocess.Popen(
+        LAUNCHER + args,
+        env=env or launcher_env(),
+        stdout=kwargs.pop("stdout", subprocess.PIPE),
+        stderr=kwargs.pop("stderr", subprocess.PIPE),
+        text=kwargs.pop("text", True),
+        start_new_session=True,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def read_report(path: Path) -> dict[str, object]:
+    return json.loads(path.read_text())
+
+
+def sandbox_cgroups() -> set[str]:
+    """Every aero-sandbox cgroup on the host (any hierarchy)."""
+    found = set()
+    for top, dirs, _files in os.walk("/sys/fs/cgroup"):
+        for name in dirs:
+            if name.startswith("aero-sandbox-"):
+                found.add(os.path.join(top, name))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+@pytest.fixture
+def pids_to_kill():
+    """Pids a test learned of (daemons it made); any still alive at the end are killed."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        if pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

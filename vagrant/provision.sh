@@ -1,0 +1,51 @@
+#!/bin/bash
+# Installs aero-sandbox into a venv at /opt/aero-sandbox and creates the lingering test user
+# "aero" (uid 1000). One script for both VMs, so they are set up the same way:
+#   provision.sh --wheelhouse DIR   offline, from prebuilt wheels (the qemu stage's guest-stage.sh)
+#   provision.sh --source DIR       from a source tree, with apt + PyPI (the Vagrantfile)
+#   provision.sh --user-only        only the user (run in a chroot while building the qemu image)
+# Run as root. Safe to run again: the venv is recreated, the user is kept.
+set -euo pipefail
+PREFIX=${AERO_PREFIX:-/opt/aero-sandbox}
+TEST_USER=aero
+TEST_UID=1000
+REQ='aero-sandbox[systemd,test]'
+
+create_user() {
+    getent passwd "$TEST_USER" >/dev/null ||
+        useradd --create-home --uid "$TEST_UID" --user-group --shell /bin/bash "$TEST_USER"
+    # Lingering: user@1000.service (the user's systemd and bus) runs without a login session.
+    # loginctl also starts it now; in a chroot (image build) the file is what logind reads at boot.
+    if [ -d /run/systemd/system ] && loginctl enable-linger "$TEST_USER"; then :; else
+        mkdir -p /var/lib/systemd/linger && touch "/var/lib/systemd/linger/$TEST_USER"
+    fi
+}
+
+# Debian's own python3, the interpreter the wheels were built for.
+make_venv() { /usr/bin/python3 -m venv --clear "$PREFIX"; }
+
+install_from_wheelhouse() {
+    make_venv
+    "$PREFIX/bin/pip" install --quiet --no-index --find-links "$1" "$REQ"
+}
+
+install_from_source() {
+    # pystemd has no wheel on PyPI: it is compiled against libsystemd. nodejs: WebAssembly tests.
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -qq update
+    apt-get -qq install -y --no-install-recommends python3-venv python3-dev gcc pkg-config \
+        libsystemd-dev nodejs >/dev/null
+    # Build from a copy: an in-tree build would write build/ and *.egg-info into the shared folder.
+    local tmp; tmp=$(mktemp -d)
+    tar -C "$1" --exclude=./.venv --exclude=./build --exclude=./dist -cf - . | tar -C "$tmp" -xf -
+    make_venv
+    "$PREFIX/bin/pip" install --quiet "$tmp[systemd,test]"
+    rm -rf "$tmp"
+}
+
+case "${1:-}" in
+    --wheelhouse) create_user; install_from_wheelhouse "$2" ;;
+    --source)     create_user; install_from_source "$2" ;;
+    --user-only)  create_user ;;
+    *) echo "usage: $0 --wheelhouse DIR | --source DIR | --user-only" >&2; exit 2 ;;
+esac

@@ -1,0 +1,149 @@
+"""cgroup discovery and the pure-v2 decisions, on fake cgroup trees built in tmp_path.
+
+The kernel's files are plain files here: a write replaces the content, so these tests check
+what the backend decides and writes, not what the kernel would do with it (tests/host and the
+VM stage do that).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sandbox import cgroupfs
+from sandbox.cgroup_backend import LEAF, CgroupBackend, _enable_controllers
+from sandbox.cgroupfs import Hierarchy, discover
+from sandbox.errors import BackendUnavailable
+from sandbox.limits import Limits
+
+HYBRID_MOUNTINFO = """\
+30 25 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw
+35 30 0:31 / /sys/fs/cgroup/memory rw,relatime shared:15 - cgroup cgroup rw,memory
+36 30 0:32 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+37 30 0:33 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+38 30 0:34 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+HYBRID_CGROUP = "8:pids:/\n4:memory:/agents/a1\n3:cpu,cpuacct:/x\n0::/\n"
+
+
+def make_dirs(root: Path, *paths: str) -> None:
+    for path in paths:
+        (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+
+
+def test_discover_hybrid(tmp_path: Path) -> None:
+    info = HYBRID_MOUNTINFO.replace("/sys/fs/cgroup", str(tmp_path))
+    make_dirs(tmp_path, "memory/agents/a1", "pids", "cpu,cpuacct/x", "unified")
+    found = {(h.version, tuple(sorted(h.controllers))): h.own for h in discover(HYBRID_CGROUP, info)}
+    assert found[(1, ("memory",))] == str(tmp_path / "memory/agents/a1")
+    assert found[(1, ("pids",))] == str(tmp_path / "pids")
+    assert found[(1, ("cpu", "cpuacct"))] == str(tmp_path / "cpu,cpuacct/x")
+    assert found[(2, ())] == str(tmp_path / "unified")
+
+
+def test_discover_bind_mounted_subtree(tmp_path: Path) -> None:
+    """Docker without a cgroup namespace: the mount root is our container's path."""
+    info = f"40 30 0:40 /docker/abc {tmp_path} rw - cgroup2 cgroup2 rw\n"
+    make_dirs(tmp_path, "inner")
+    (hierarchy,) = discover("0::/docker/abc/inner\n", info, read_controllers=False)
+    assert hierarchy.own == str(tmp_path / "inner")
+
+
+def test_discover_skips_a_cgroup_outside_the_mount(tmp_path: Path) -> None:
+    info = f"40 30 0:40 /docker/abc {tmp_path} rw - cgroup2 cgroup2 rw\n"
+    assert discover("0::/elsewhere\n", info, read_controllers=False) == []
+    assert discover("0::/../x\n", f"40 30 0:40 / {tmp_path} rw - cgroup2 cgroup2 rw\n") == []
+
+
+@pytest.fixture(autouse=True)
+def kernel_like_mkdir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mkdir in cgroupfs makes the interface files; a fake tree gets the ones of an old kernel."""
+    real_mkdir = os.mkdir
+
+    def mkdir(path: str, mode: int = 0o777) -> None:
+        real_mkdir(path, mode)
+        for name in ("cgroup.procs", "cgroup.controllers", "cgroup.subtree_control",
+                     "memory.max", "pids.max", "memory.events", "pids.events"):
+            Path(path, name).write_text("")
+
+    def rmdir(path: str) -> None:  # cgroupfs removes its interface files with the directory
+        for file in Path(path).iterdir():
+            if file.is_file():
+                file.unlink()
+        real_rmdir(path)
+
+    real_rmdir = os.rmdir
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "rmdir", rmdir)
+
+
+def fake_v2(root: Path, procs: str = "", subtree: str = "", is_root: bool = False) -> Path:
+    root.mkdir(exist_ok=True)
+    (root / "cgroup.controllers").write_text("cpu memory pids\n")
+    (root / "cgroup.subtree_control").write_text(subtree)
+    (root / "cgroup.procs").write_text(procs)
+    if not is_root:
+        (root / "cgroup.type").write_text("domain\n")
+    return root
+
+
+def test_enable_controllers_moves_processes_into_a_leaf_first(tmp_path: Path) -> None:
+    own = fake_v2(tmp_path / "own", procs="4242\n")
+    assert _enable_controllers(str(own), {"memory", "pids"}) == str(own)
+    assert (own / LEAF / "cgroup.procs").read_text() == "4242"
+    assert (own / "cgroup.subtree_control").read_text() == "+memory +pids"
+
+
+def test_root_cgroup_may_keep_its_processes(tmp_path: Path) -> None:
+    own = fake_v2(tmp_path / "root", procs="1\n", is_root=True)
+    _enable_controllers(str(own), {"memory"})
+    assert not (own / LEAF).exists()
+    assert (own / "cgroup.subtree_control").read_text() == "+memory"
+
+
+def test_already_enabled_controllers_touch_nothing(tmp_path: Path) -> None:
+    own = fake_v2(tmp_path / "own", procs="7\n", subtree="memory pids\n")
+    _enable_controllers(str(own), {"memory", "pids"})
+    assert not (own / LEAF).exists()
+
+
+def test_v2_backend_on_an_old_kernel(tmp_path: Path) -> None:
+    """No cgroup.kill (before 5.14), no memory.peak (before 5.19): still runs, peak is null."""
+    own = fake_v2(tmp_path / "own", subtree="memory pids")
+    hierarchy = Hierarchy(2, str(tmp_path), frozenset({"memory", "pids"}), str(own))
+    backend = CgroupBackend([hierarchy])
+    backend.prepare(Limits(100 << 20, 64), ["true"])
+    (sandbox,) = backend.dirs
+    assert Path(sandbox, "memory.max").read_text() == str(100 << 20)
+    assert Path(sandbox, "memory.swap.max").exists() is False  # only written where it exists
+    assert Path(sandbox, "pids.max").read_text() == "64"
+    usage = backend.measure()
+    assert usage.peak_memory_bytes is None and usage.cpu_s is None
+    backend.kill_all()  # no cgroup.kill: kills what cgroup.procs lists (nothing) and returns
+    backend.remove()
+    assert not Path(sandbox).exists()
+
+
+def test_missing_memory_controller_is_unavailable(tmp_path: Path) -> None:
+    own = fake_v2(tmp_path / "own")
+    (own / "cgroup.controllers").write_text("cpu\n")
+    hierarchy = Hierarchy(2, str(tmp_path), frozenset({"cpu"}), str(own))
+    with pytest.raises(BackendUnavailable, match="memory controller"):
+        CgroupBackend([hierarchy]).prepare(Limits(1 << 30, 10), ["true"])
+
+
+def test_limit_that_does_not_take_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    own = fake_v2(tmp_path / "own", subtree="memory pids")
+    hierarchy = Hierarchy(2, str(tmp_path), frozenset({"memory", "pids"}), str(own))
+    monkeypatch.setattr(cgroupfs, "read_int", lambda path: 12345)
+    backend = CgroupBackend([hierarchy])
+    with pytest.raises(Exception, match="did not take"):
+        backend.prepare(Limits(1 << 30, 10), ["true"])
+
+
+def test_stale_sandbox_names() -> None:
+    assert cgroupfs.launcher_pid("aero-sandbox-123-abcdef") == 123
+    assert cgroupfs.launcher_pid("aero-leaf") is None
+    assert cgroupfs.launcher_pid("aero-sandbox-x-1") is None

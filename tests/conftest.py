@@ -33,7 +33,11 @@ def need(condition: bool, reason: str) -> None:
 
 
 def launcher_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AERO_") or k.startswith("AERO_TEST")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("AERO_") or k.startswith("AERO_TEST")
+    }
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env

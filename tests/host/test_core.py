@@ -34,8 +34,10 @@ ALLOCATE = "b = bytearray({size}); b[::4096] = b'x' * len(b[::4096]); print('all
 def cgroups_usable() -> None:
     """Skip unless `auto` can enforce memory here (root on this host; anything in the VM)."""
     probe = run_launcher(["--report", "/dev/stdout", "-q", "--", "true"], timeout=30)
-    need(probe.returncode == 0 and '"backend": "rlimit"' not in probe.stdout,
-         f"no cgroup or systemd backend here: {probe.stderr.strip()}")
+    need(
+        probe.returncode == 0 and '"backend": "rlimit"' not in probe.stdout,
+        f"no cgroup or systemd backend here: {probe.stderr.strip()}",
+    )
 
 
 def test_allocation_over_the_limit_is_oom_killed(tmp_path: Path) -> None:
@@ -106,8 +108,19 @@ time.sleep(60)
 
 def test_timeout_kills_a_tree_that_ignores_sigterm(tmp_path: Path, pids_to_kill: list[int]) -> None:
     pidfile, report = tmp_path / "pids", tmp_path / "r.json"
-    args = ["--timeout", "1", "--kill-after", "0.5", "--report", str(report), "--", PY, "-c",
-            STUBBORN_TREE, str(pidfile)]
+    args = [
+        "--timeout",
+        "1",
+        "--kill-after",
+        "0.5",
+        "--report",
+        str(report),
+        "--",
+        PY,
+        "-c",
+        STUBBORN_TREE,
+        str(pidfile),
+    ]
     proc = run_launcher(args, timeout=30)
     pids_to_kill += [int(p) for p in pidfile.read_text().split()]
     assert proc.returncode == 124, proc.stderr
@@ -137,7 +150,9 @@ time.sleep(0.3)
 """
 
 
-def test_setsid_daemon_does_not_outlive_the_sandbox(tmp_path: Path, pids_to_kill: list[int]) -> None:
+def test_setsid_daemon_does_not_outlive_the_sandbox(
+    tmp_path: Path, pids_to_kill: list[int]
+) -> None:
     pidfile = tmp_path / "daemon"
     start = time.monotonic()
     proc = run_launcher(["--", PY, "-c", DAEMON, str(pidfile)], timeout=30)
@@ -149,11 +164,16 @@ def test_setsid_daemon_does_not_outlive_the_sandbox(tmp_path: Path, pids_to_kill
     assert took < 30  # returned when the main process ended, not when the daemon would
 
 
-def test_launcher_killed_with_sigkill_leaves_nothing(tmp_path: Path, pids_to_kill: list[int]) -> None:
+def test_launcher_killed_with_sigkill_leaves_nothing(
+    tmp_path: Path, pids_to_kill: list[int]
+) -> None:
     pidfile = tmp_path / "pids"
     before = sandbox_cgroups()
-    launcher = subprocess.Popen(LAUNCHER + ["--", PY, "-c", STUBBORN_TREE, str(pidfile)],
-                                env=launcher_env(), start_new_session=True)
+    launcher = subprocess.Popen(
+        LAUNCHER + ["--", PY, "-c", STUBBORN_TREE, str(pidfile)],
+        env=launcher_env(),
+        start_new_session=True,
+    )
     try:
         assert wait_until(lambda: pidfile.exists() and pidfile.read_text(), timeout=20)
         tree = [int(p) for p in pidfile.read_text().split()]
@@ -182,8 +202,13 @@ time.sleep(30)
 
 @pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT])
 def test_signals_are_forwarded_to_the_child(signo: int) -> None:
-    launcher = subprocess.Popen(LAUNCHER + ["--", PY, "-c", FORWARD], env=launcher_env(),
-                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+    launcher = subprocess.Popen(
+        LAUNCHER + ["--", PY, "-c", FORWARD],
+        env=launcher_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert launcher.stdout is not None
         assert launcher.stdout.readline() == "ready\n"
@@ -197,9 +222,13 @@ def test_signals_are_forwarded_to_the_child(signo: int) -> None:
 
 
 def test_uncaught_forwarded_signal_gives_128_plus_n() -> None:
-    launcher = subprocess.Popen(LAUNCHER + ["--", "sh", "-c", "echo ready; exec sleep 30"],
-                                env=launcher_env(), stdout=subprocess.PIPE, text=True,
-                                start_new_session=True)
+    launcher = subprocess.Popen(
+        LAUNCHER + ["--", "sh", "-c", "echo ready; exec sleep 30"],
+        env=launcher_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert launcher.stdout is not None and launcher.stdout.readline() == "ready\n"
         launcher.send_signal(signal.SIGTERM)
@@ -232,7 +261,9 @@ def test_not_executable_is_126(tmp_path: Path) -> None:
 
 def test_argv_environment_and_directory_pass_unchanged(tmp_path: Path) -> None:
     argv = ["", "two words", "quote'\"", "--mem", "ünïcødé", "*", "$HOME", "--"]
-    code = "import os, sys, json; print(json.dumps([sys.argv[1:], os.getcwd(), os.environ['MARK']]))"
+    code = (
+        "import os, sys, json; print(json.dumps([sys.argv[1:], os.getcwd(), os.environ['MARK']]))"
+    )
     proc = run_launcher(["--", PY, "-c", code, *argv], env=launcher_env(MARK="x y"), cwd=tmp_path)
     import json
 
@@ -241,47 +272,99 @@ def test_argv_environment_and_directory_pass_unchanged(tmp_path: Path) -> None:
 
 def test_binary_stdin_and_stdout_pass_unchanged() -> None:
     data = bytes(range(256)) * 4096  # 1 MiB with every byte value
-    proc = subprocess.run(LAUNCHER + ["--", "cat"], input=data, capture_output=True,
-                          env=launcher_env(), timeout=30)
+    proc = subprocess.run(
+        LAUNCHER + ["--", "cat"], input=data, capture_output=True, env=launcher_env(), timeout=30
+    )
     assert proc.returncode == 0 and proc.stdout == data and proc.stderr == b""
 
 
 def test_stdout_and_stderr_keep_their_order() -> None:
-    code = "import sys\nfor i in range(2000):\n    print(i, file=sys.stderr if i % 3 else sys.stdout, flush=True)"
-    proc = subprocess.run(LAUNCHER + ["--", PY, "-c", code], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, env=launcher_env(), timeout=30, text=True)
+    code = (
+        "import sys\n"
+        "for i in range(2000):\n"
+        "    print(i, file=sys.stderr if i % 3 else sys.stdout, flush=True)"
+    )
+    proc = subprocess.run(
+        LAUNCHER + ["--", PY, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=launcher_env(),
+        timeout=30,
+        text=True,
+    )
     assert proc.stdout.split() == [str(i) for i in range(2000)]
 
 
-def test_a_terminal_stays_a_terminal() -> None:
+def run_in_terminal(argv: list[str], typed: bytes = b"", after: bytes = b"ready") -> tuple[int, bytes]:
+    """Run argv as the foreground job of a new pseudo-terminal; type `typed` once `after` shows."""
     import pty
 
-    code = "import os, sys; print(os.isatty(0), os.isatty(1), os.isatty(2))"
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - child
         os.environ.update(launcher_env())
-        os.execv(PY, LAUNCHER + ["--", PY, "-c", code])
+        os.execv(argv[0], argv)
     output = b""
+    deadline = time.monotonic() + 30
     try:
-        while True:
+        while time.monotonic() < deadline:
             try:
                 chunk = os.read(fd, 1024)
             except OSError:
                 break
             if not chunk:
                 break
+            if typed and after in output + chunk and after not in output:
+                os.write(fd, typed)
             output += chunk
     finally:
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         os.close(fd)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert b"True True True" in output
+    return os.waitstatus_to_exitcode(status), output
+
+
+def test_a_terminal_stays_a_terminal() -> None:
+    code = "import os; print(os.isatty(0), os.isatty(1), os.isatty(2))"
+    status, output = run_in_terminal(LAUNCHER + ["--", PY, "-c", code])
+    assert status == 0 and b"True True True" in output
+
+
+COUNT_INTERRUPTS = """
+import signal, time
+count = [0]
+signal.signal(signal.SIGINT, lambda *_: count.__setitem__(0, count[0] + 1))
+print("ready", flush=True)
+end = time.monotonic() + 1.5
+while time.monotonic() < end:
+    time.sleep(0.05)
+print("interrupts", count[0], flush=True)
+"""
+
+
+@pytest.mark.parametrize("own_group", [False, True])
+def test_a_typed_ctrl_c_reaches_the_command_once(own_group: bool) -> None:
+    """The terminal sends ^C to its foreground group. A command in our group has it already
+    (the launcher adds none: two SIGINTs can make tools force-quit); a command that moved to a
+    group of its own gets it from the launcher."""
+    code = ("import os; os.setpgid(0, 0)\n" if own_group else "") + COUNT_INTERRUPTS
+    status, output = run_in_terminal(LAUNCHER + ["--", PY, "-c", code], typed=b"\x03")
+    assert status == 0, output
+    assert b"interrupts 1" in output
 
 
 def test_nested_sandbox_inner_limit_applies(tmp_path: Path) -> None:
     inner_report = tmp_path / "inner.json"
-    inner = LAUNCHER + ["--mem", "100M", "--report", str(inner_report), "--", PY, "-c",
-                        ALLOCATE.format(size=200 << 20)]
+    inner = LAUNCHER + [
+        "--mem",
+        "100M",
+        "--report",
+        str(inner_report),
+        "--",
+        PY,
+        "-c",
+        ALLOCATE.format(size=200 << 20),
+    ]
     proc = run_launcher(["--mem", "1G", "--report", str(tmp_path / "outer.json"), "--", *inner])
     assert proc.returncode == 137
     inner_data, outer_data = read_report(inner_report), read_report(tmp_path / "outer.json")
@@ -303,9 +386,23 @@ def test_nested_sandbox_outer_limit_applies(tmp_path: Path) -> None:
 def test_sixteen_sandboxes_at_once_leave_nothing(tmp_path: Path) -> None:
     before = sandbox_cgroups()
     launchers = [
-        subprocess.Popen(LAUNCHER + ["--mem", "64M", "--report", str(tmp_path / f"{i}.json"), "--",
-                                     "sh", "-c", "sleep 0.5; echo $$"],
-                         env=launcher_env(), stdout=subprocess.PIPE, text=True, start_new_session=True)
+        subprocess.Popen(
+            LAUNCHER
+            + [
+                "--mem",
+                "64M",
+                "--report",
+                str(tmp_path / f"{i}.json"),
+                "--",
+                "sh",
+                "-c",
+                "sleep 0.5; echo $$",
+            ],
+            env=launcher_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         for i in range(16)
     ]
     try:
@@ -356,12 +453,28 @@ def test_bad_input_is_one_line_and_125(args: list[str], named: str) -> None:
 
 
 def test_report_on_every_ending(tmp_path: Path) -> None:
-    for args in (["--", "true"], ["--", "sh", "-c", "kill -KILL $$"], ["--timeout", "0.2", "--", "sleep", "5"]):
+    for args in (
+        ["--", "true"],
+        ["--", "sh", "-c", "kill -KILL $$"],
+        ["--timeout", "0.2", "--", "sleep", "5"],
+    ):
         report = tmp_path / "r.json"
         run_launcher(["-q", "--report", str(report), *args])
         data = read_report(report)
-        for key in ("backend", "exit_code", "signal", "reason", "wall_s", "cpu_s", "peak_memory_bytes",
-                    "oom_kills", "attempts", "limits", "sandbox", "backend_choice"):
+        for key in (
+            "backend",
+            "exit_code",
+            "signal",
+            "reason",
+            "wall_s",
+            "cpu_s",
+            "peak_memory_bytes",
+            "oom_kills",
+            "attempts",
+            "limits",
+            "sandbox",
+            "backend_choice",
+        ):
             assert key in data
         assert data["attempts"] == 1 and data["wall_s"] > 0
         report.unlink()

@@ -36,7 +36,9 @@ def make_dirs(root: Path, *paths: str) -> None:
 def test_discover_hybrid(tmp_path: Path) -> None:
     info = HYBRID_MOUNTINFO.replace("/sys/fs/cgroup", str(tmp_path))
     make_dirs(tmp_path, "memory/agents/a1", "pids", "cpu,cpuacct/x", "unified")
-    found = {(h.version, tuple(sorted(h.controllers))): h.own for h in discover(HYBRID_CGROUP, info)}
+    found = {
+        (h.version, tuple(sorted(h.controllers))): h.own for h in discover(HYBRID_CGROUP, info)
+    }
     assert found[(1, ("memory",))] == str(tmp_path / "memory/agents/a1")
     assert found[(1, ("pids",))] == str(tmp_path / "pids")
     assert found[(1, ("cpu", "cpuacct"))] == str(tmp_path / "cpu,cpuacct/x")
@@ -64,8 +66,15 @@ def kernel_like_mkdir(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def mkdir(path: str, mode: int = 0o777) -> None:
         real_mkdir(path, mode)
-        for name in ("cgroup.procs", "cgroup.controllers", "cgroup.subtree_control",
-                     "memory.max", "pids.max", "memory.events", "pids.events"):
+        for name in (
+            "cgroup.procs",
+            "cgroup.controllers",
+            "cgroup.subtree_control",
+            "memory.max",
+            "pids.max",
+            "memory.events",
+            "pids.events",
+        ):
             Path(path, name).write_text("")
 
     def rmdir(path: str) -> None:  # cgroupfs removes its interface files with the directory
@@ -134,7 +143,9 @@ def test_missing_memory_controller_is_unavailable(tmp_path: Path) -> None:
         CgroupBackend([hierarchy]).prepare(Limits(1 << 30, 10), ["true"])
 
 
-def test_limit_that_does_not_take_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_limit_that_does_not_take_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     own = fake_v2(tmp_path / "own", subtree="memory pids")
     hierarchy = Hierarchy(2, str(tmp_path), frozenset({"memory", "pids"}), str(own))
     monkeypatch.setattr(cgroupfs, "read_int", lambda path: 12345)
@@ -147,3 +158,9 @@ def test_stale_sandbox_names() -> None:
     assert cgroupfs.launcher_pid("aero-sandbox-123-abcdef") == 123
     assert cgroupfs.launcher_pid("aero-leaf") is None
     assert cgroupfs.launcher_pid("aero-sandbox-x-1") is None
+
+
+def test_nesting_is_detected_from_our_own_cgroup() -> None:
+    assert cgroupfs.inside_sandbox("0::/system.slice/aero-sandbox-12-abcdef.scope/aero-leaf\n")
+    assert cgroupfs.inside_sandbox("4:memory:/process_api/x/aero-sandbox-1-a1b2c3\n0::/\n")
+    assert not cgroupfs.inside_sandbox("0::/user.slice/user-1000.slice/session-2.scope\n")

@@ -28,7 +28,10 @@ def test_signal_is_128_plus_n() -> None:
 
 
 def test_timeout_wins_over_how_the_child_died() -> None:
-    assert classify(killed(signal.SIGKILL), Reason.TIMEOUT, Usage(), LIMITS)[:2] == (Reason.TIMEOUT, 124)
+    assert classify(killed(signal.SIGKILL), Reason.TIMEOUT, Usage(), LIMITS)[:2] == (
+        Reason.TIMEOUT,
+        124,
+    )
     assert classify(exited(0), Reason.TIMEOUT, Usage(), LIMITS)[:2] == (Reason.TIMEOUT, 124)
 
 
@@ -49,13 +52,19 @@ def test_waitstatus_helpers_agree_with_os() -> None:
 
 def test_oom_line_gives_limit_and_peak() -> None:
     result = RunResult(
-        reason=Reason.OOM, exit_code=137, wall_s=1.0, usage=Usage(peak_memory_bytes=1 << 30),
-        limits=LIMITS, sandbox={},
+        reason=Reason.OOM,
+        exit_code=137,
+        wall_s=1.0,
+        usage=Usage(peak_memory_bytes=1 << 30),
+        limits=LIMITS,
+        sandbox={},
     )
     line = message(result)
     assert line is not None and "1.0 GiB limit" in line and "peak 1.0 GiB" in line
 
 
 def test_no_line_for_a_normal_exit() -> None:
-    result = RunResult(reason=Reason.EXITED, exit_code=0, wall_s=1.0, usage=Usage(), limits=LIMITS, sandbox={})
+    result = RunResult(
+        reason=Reason.EXITED, exit_code=0, wall_s=1.0, usage=Usage(), limits=LIMITS, sandbox={}
+    )
     assert message(result) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sandbox.errors import UsageError
-from sandbox.limits import physical_memory, parse_duration, parse_grace, parse_pids, parse_size
+from sandbox.limits import parse_duration, parse_grace, parse_pids, parse_size, physical_memory
 from sandbox.options import parse_run
 
 G = 1 << 30
@@ -14,9 +14,22 @@ G = 1 << 30
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("1G", G), ("1g", G), ("1GiB", G), ("1gib", G), ("1Gi", G), ("1GB", G), ("12G", 12 * G),
-        ("512M", 512 << 20), ("1.5G", 3 * G // 2), ("64k", 64 << 10), ("2T", 2 << 40),
-        ("123", 123), ("100b", 100), ("unlimited", None), ("infinity", None), ("MAX", None),
+        ("1G", G),
+        ("1g", G),
+        ("1GiB", G),
+        ("1gib", G),
+        ("1Gi", G),
+        ("1GB", G),
+        ("12G", 12 * G),
+        ("512M", 512 << 20),
+        ("1.5G", 3 * G // 2),
+        ("64k", 64 << 10),
+        ("2T", 2 << 40),
+        ("123", 123),
+        ("100b", 100),
+        ("unlimited", None),
+        ("infinity", None),
+        ("MAX", None),
     ],
 )
 def test_sizes(text: str, expected: int | None) -> None:
@@ -27,7 +40,9 @@ def test_percent_of_physical_memory() -> None:
     assert parse_size("50%") == physical_memory() // 2
 
 
-@pytest.mark.parametrize("text", ["12X", "-5G", "0", "", "G", "1.2.3G", "1i", "1.5", "0%", "101%", "nan"])
+@pytest.mark.parametrize(
+    "text", ["12X", "-5G", "0", "", "G", "1.2.3G", "1i", "1.5", "0%", "101%", "nan"]
+)
 def test_bad_sizes_name_value_and_forms(text: str) -> None:
     with pytest.raises(UsageError) as err:
         parse_size(text)
@@ -36,8 +51,17 @@ def test_bad_sizes_name_value_and_forms(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("90", 90.0), ("2.5", 2.5), ("1.5m", 90.0), ("10m", 600.0), ("1h30m", 5400.0),
-     ("30s", 30.0), ("1h", 3600.0), ("0", None), ("0s", None)],
+    [
+        ("90", 90.0),
+        ("2.5", 2.5),
+        ("1.5m", 90.0),
+        ("10m", 600.0),
+        ("1h30m", 5400.0),
+        ("30s", 30.0),
+        ("1h", 3600.0),
+        ("0", None),
+        ("0s", None),
+    ],
 )
 def test_durations(text: str, expected: float | None) -> None:
     assert parse_duration(text) == expected

@@ -14,7 +14,7 @@ import os
 
 from sandbox import cgroupfs
 from sandbox.cgroupfs import Hierarchy
-from sandbox.errors import BackendUnavailable, SandboxError
+from sandbox.errors import BackendUnavailable, SandboxError, UsageError
 from sandbox.limits import Limits, format_size
 from sandbox.result import Reason, Usage
 
@@ -42,8 +42,11 @@ class CgroupBackend:
     name = "cgroup"
     tick_s: float | None = None
 
-    def __init__(self, hierarchies: list[Hierarchy] | None = None) -> None:
+    def __init__(
+        self, hierarchies: list[Hierarchy] | None = None, parent: str | None = None
+    ) -> None:
         self._hierarchies = hierarchies
+        self._parent = parent  # --parent: an admin-made cgroup that caps all sandboxes together
         self.not_enforced: list[str] = []
         self.dirs: dict[str, int] = {}  # every directory we created -> its cgroup version
         self.memory: tuple[str, int] | None = None  # (directory, version) holding memory limits
@@ -55,6 +58,8 @@ class CgroupBackend:
     # -- prepare ------------------------------------------------------------------------------
     def prepare(self, limits: Limits, argv: list[str]) -> None:
         hierarchies = self._hierarchies if self._hierarchies is not None else cgroupfs.discover()
+        if self._parent is not None:
+            hierarchies = at_parent(hierarchies, self._parent)
         v2 = next((h for h in hierarchies if h.version == 2), None)
         sources: dict[str, Hierarchy] = {}
         for controller in CONTROLLERS:
@@ -196,11 +201,20 @@ class CgroupBackend:
             for fd in self._oom_fds:
                 os.close(fd)
             self._oom_fds = None
+        failed: OSError | None = None
         for path in list(self.dirs):
-            cgroupfs.remove_tree(path)
-            del self.dirs[path]
+            try:
+                cgroupfs.remove_tree(path)
+                del self.dirs[path]
+            except OSError as err:
+                failed = failed or err
         for parent in self._parents:
             cgroupfs.remove_stale(parent)
+        if failed is not None:
+            raise SandboxError(
+                f"could not remove the cgroup {failed.filename}: {failed.strerror}",
+                "a later run or `aero-sandbox gc` removes it once its processes are gone",
+            )
 
     def describe(self) -> dict[str, Any]:
         cgroups = {}
@@ -281,6 +295,59 @@ def _move_processes_to_leaf(own: str) -> None:
         except OSError as err:
             if err.errno != errno.ESRCH:
                 raise _unavailable(own, err) from err
+
+
+def at_parent(hierarchies: list[Hierarchy], parent: str) -> list[Hierarchy]:
+    """The hierarchies a sandbox uses, each with `own` set to the admin's parent cgroup (--parent).
+
+    PATH is a directory below a cgroup mount (/sys/fs/cgroup/agents on pure v2,
+    /sys/fs/cgroup/memory/agents on hybrid/v1) or a path relative to the mounts (agents). Either
+    way the same relative path is used in every hierarchy we use: the v2 one, and each v1 one
+    that holds memory or pids; on a hybrid host the admin creates it in each of them.
+    """
+    used = [h for h in hierarchies if h.version == 2 or h.controllers & set(CONTROLLERS)]
+    relative = parent.strip()
+    if relative.startswith("/"):
+        mounts = sorted({h.mount for h in used}, key=len, reverse=True)
+        mount = next((m for m in mounts if relative.startswith(m.rstrip("/") + "/")), None)
+        if mount is None:
+            raise UsageError(
+                f"invalid --parent value {parent!r}: expected a cgroup directory below "
+                f"{' or '.join(sorted(mounts)) or 'a mounted cgroup hierarchy'}, or a path "
+                "relative to the cgroup mounts (agents)"
+            )
+        relative = relative[len(mount) :]
+    parts = [part for part in relative.split("/") if part]
+    if not parts or any(part in (".", "..") for part in parts):
+        raise UsageError(
+            f"invalid --parent value {parent!r}: expected a cgroup below the hierarchy's root, "
+            "absolute (/sys/fs/cgroup/agents) or relative to the cgroup mounts (agents)"
+        )
+    paths = [os.path.join(h.mount, *parts) for h in used]
+    missing = [p for p in paths if not os.path.isdir(p)]
+    if missing:
+        raise SandboxError(
+            f"--parent {parent}: no such cgroup {', '.join(missing)}",
+            f"an admin creates it and sets the shared limit: mkdir {' '.join(missing)}; "
+            "see docs/containers.md",
+        )
+    for path in paths:
+        if not os.access(path, os.W_OK):
+            raise SandboxError(
+                f"--parent {parent}: cannot create cgroups in {path}: permission denied",
+                "run as root, or have the admin give this user the parent (chown -R)",
+            )
+    return [
+        Hierarchy(
+            h.version,
+            h.mount,
+            frozenset(cgroupfs.read_words(path + "/cgroup.controllers"))
+            if h.version == 2
+            else h.controllers,
+            path,
+        )
+        for h, path in zip(used, paths, strict=True)
+    ]
 
 
 def _unavailable(parent: str, err: OSError) -> BackendUnavailable:

@@ -1,4 +1,4 @@
-"""Finding our cgroups and reading/writing cgroupfs files. Shared by every backend that has a cgroup.
+"""Finding our cgroups, and reading and writing cgroupfs files: shared by the cgroup backends.
 
 Paths come from /proc/self/mountinfo (where each hierarchy is mounted, and which part of it)
 and /proc/self/cgroup (where we are in it), so a sandbox is always created below the cgroup the
@@ -206,6 +206,12 @@ def remove_tree(directory: str, timeout_s: float = 2.0) -> None:
                 if err.errno != errno.EBUSY or time.monotonic() > deadline:
                     raise
                 time.sleep(0.002)
+
+
+def inside_sandbox(proc_cgroup: str | None = None) -> bool:
+    """Whether this process already runs inside an aero-sandbox (cgroup or systemd scope)."""
+    text = _read("/proc/self/cgroup") if proc_cgroup is None else proc_cgroup
+    return f"/{PREFIX}" in text
 
 
 def sandbox_name() -> str:

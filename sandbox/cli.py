@@ -39,7 +39,8 @@ def _click_main(args: list[str]) -> int:
     from sandbox.commands import cli
 
     try:
-        cli.main(args=args, prog_name="aero-sandbox", standalone_mode=False)
+        # Without standalone mode, click returns a subcommand's click.exceptions.Exit code.
+        code = cli.main(args=args, prog_name="aero-sandbox", standalone_mode=False)
     except SandboxError:
         raise
     except Exception as err:  # click's own usage errors
@@ -51,4 +52,4 @@ def _click_main(args: list[str]) -> int:
         if isinstance(err, click.exceptions.Exit):
             return err.exit_code
         raise
-    return 0
+    return code if isinstance(code, int) else 0

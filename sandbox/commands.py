@@ -6,6 +6,7 @@ import click
 
 from sandbox import __version__
 from sandbox.options import OPTIONS
+from sandbox.presets import SHELLS
 
 
 def _run_help() -> str:
@@ -21,7 +22,8 @@ def _run_help() -> str:
     lines.append("\b")
     lines.append("Exit status: the command's own; 128+N killed by signal N; 124 timed out;")
     lines.append("137 killed for memory; 125 aero-sandbox failed (bad usage included);")
-    lines.append("126 not executable; 127 not found.")
+    lines.append("126 not executable; 127 not found; 123 exited 0 but an --expect path is")
+    lines.append("missing or empty.")
     return "\n".join(lines)
 
 
@@ -41,3 +43,104 @@ def cli(ctx: click.Context) -> None:
     """
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="one JSON array, for scripts")
+def list_command(as_json: bool) -> None:
+    """Every live sandbox you may see: command, backend, age, memory now/peak/limit, tasks.
+
+    \b
+    PID is the launcher's; LIMIT is the effective memory limit (the sandbox's own, or a
+    smaller one set on a cgroup above it). Root sees every user's sandboxes.
+    """
+    from sandbox import inventory
+
+    rows = inventory.live_sandboxes()
+    if as_json:
+        import json
+
+        click.echo(json.dumps(rows, indent=2))
+    elif rows:
+        click.echo(inventory.table(rows))
+
+
+@cli.command("gc")
+@click.option("--dry-run", is_flag=True, help="say what would be removed, remove nothing")
+@click.option(
+    "--parent",
+    "parents",
+    multiple=True,
+    metavar="PATH",
+    help="also look below this parent cgroup (as given to a run's --parent); repeatable",
+)
+def gc_command(dry_run: bool, parents: tuple[str, ...]) -> None:
+    """Remove what crashed launchers left: empty sandbox cgroups and stale registry entries.
+
+    A live sandbox is never touched. A sandbox whose launcher is gone but whose processes
+    still run is left alone and reported.
+    """
+    from sandbox import inventory
+
+    dirs = [path for parent in parents for path in inventory.parent_dirs(parent)]
+    done = inventory.collect(dry_run=dry_run, parents=dirs)
+    verb = "would remove" if dry_run else "removed"
+    for path in done.cgroups:
+        click.echo(f"{verb} cgroup {path}")
+    for path in done.entries:
+        click.echo(f"{verb} registry entry {path}")
+    for line in done.kept:
+        click.echo(f"kept {line}")
+
+
+@cli.command("env")
+@click.option("--shell", type=click.Choice(SHELLS), default="bash", help="syntax [bash]")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object: variable -> value or null")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    help="parallelism of builds, tests and the linker [AERO_CARGO_BUILD_JOBS, else 1]",
+)
+def env_command(shell: str, as_json: bool, jobs: int | None) -> None:
+    """Print the agent environment preset as shell code.
+
+    \b
+    eval "$(aero-sandbox env)"                  # bash, zsh
+    aero-sandbox env --shell fish | source      # fish
+    aero-sandbox --preset agent -- cargo test   # the same, for one command
+
+    A null (JSON) or `unset` is a variable the preset removes (an sccache wrapper).
+    """
+    import os
+
+    from sandbox import presets
+
+    env = presets.agent_environment(os.environ, jobs=jobs)
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"env": env.changes, "notes": env.notes}, indent=2))
+    else:
+        click.echo(presets.render(env, shell), nl=False)
+
+
+@cli.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="the findings as one JSON object")
+def doctor_command(as_json: bool) -> None:
+    """What this host can enforce, and the fix for each missing piece.
+
+    \b
+    Prepares (and removes) a real sandbox to see which backend `auto` picks.
+    Exit status: 0 a sandbox that enforces memory runs here; 1 none can;
+    2 sandboxes work, but a project check failed (Node against .nvmrc).
+    """
+    from sandbox import doctor
+
+    diagnosis = doctor.diagnose()
+    if as_json:
+        import json
+
+        click.echo(json.dumps(diagnosis.as_json(), indent=2))
+    else:
+        click.echo(doctor.render(diagnosis))
+    raise click.exceptions.Exit(diagnosis.exit_code)

@@ -8,6 +8,7 @@ Command-line values win over environment values.
 
 from __future__ import annotations
 
+from sandbox import retry
 from sandbox.errors import UsageError
 from sandbox.frozen import Frozen
 from sandbox.limits import (
@@ -25,6 +26,10 @@ from sandbox.selection import CHOICES
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+# Limits.address_space_bytes for `--as unlimited`: no cap at all. None means --as was not given,
+# and the rlimit backend chooses one per command (fallback/address_space.py).
+AS_UNLIMITED = -1
 
 
 class Option(Frozen):
@@ -71,37 +76,115 @@ OPTIONS = (
         f"grace between SIGTERM and SIGKILL on timeout [{DEFAULT_KILL_AFTER_S:g}s]",
     ),
     Option(
+        ("--as",),
+        "address_space",
+        "SIZE",
+        "AERO_AS_LIMIT",
+        "per-process address-space cap (RLIMIT_AS) of the rlimit backend, or unlimited "
+        "[--mem; 256G for Node/WebAssembly, 32G for Rust builds]",
+    ),
+    Option(
         ("--backend",),
         "backend",
         "|".join(CHOICES),
         "AERO_BACKEND",
         "where limits come from [auto]",
     ),
+    Option(
+        ("--parent",),
+        "parent",
+        "PATH",
+        "AERO_CGROUP_PARENT",
+        "create the sandbox below this admin-made cgroup, a budget shared by all sandboxes in it "
+        "(cgroup backend): /sys/fs/cgroup/agents, or agents relative to each cgroup mount",
+    ),
+    Option(
+        ("--slice",),
+        "slice",
+        "NAME",
+        "AERO_SLICE",
+        "start the sandbox's scope in this systemd slice, whose own limits (MemoryMax...) all "
+        "sandboxes in it share (systemd backend): aero-agents.slice",
+    ),
     Option(("--report",), "report", "FILE", None, "write the JSON report of the run to FILE"),
+    Option(
+        ("--preset",),
+        "preset",
+        "agent",
+        None,
+        "apply an environment preset to the command (agent: what `aero-sandbox env` prints)",
+    ),
+    Option(
+        ("--attempts",),
+        "attempts",
+        "N",
+        retry.ATTEMPTS_ENV,
+        "run again after a transient resource failure (rustc WouldBlock, EAGAIN); the env "
+        "variable applies to cargo, rustc, npm, npx, pnpm, yarn, wasm-pack [3 for those, else 1]",
+    ),
+    Option(
+        ("--expect",),
+        "expect",
+        "PATH",
+        None,
+        "after exit 0, PATH must exist and not be empty, else exit 123; repeatable",
+    ),
     Option(("-q", "--quiet"), "quiet", None, None, "no launcher lines on stderr"),
     Option(("-v", "--verbose"), "verbose", None, None, "say which backend and limits are used"),
 )
 _BY_FLAG = {flag: option for option in OPTIONS for flag in option.flags}
+REPEATABLE = frozenset({"expect"})  # every occurrence counts, not only the last
 
 
 class RunRequest(Frozen):
-    __slots__ = ("argv", "limits", "backend", "report", "verbosity")
+    __slots__ = (
+        "argv", "limits", "backend", "report", "verbosity", "preset", "attempts", "expect",
+        "parent",
+        "slice",
+    )
     argv: list[str]
     limits: Limits
     backend: str
     report: str | None
     verbosity: int  # -1 quiet, 0 normal, 1 verbose
+    preset: str | None
+    attempts: int
+    expect: list[str]
+    parent: str | None  # --parent: the cgroup every sandbox of a shared budget goes under
+    slice: str | None  # --slice: the systemd slice every sandbox of a shared budget goes in
 
     def __init__(
-        self, argv: list[str], limits: Limits, backend: str, report: str | None, verbosity: int
+        self,
+        argv: list[str],
+        limits: Limits,
+        backend: str,
+        report: str | None,
+        verbosity: int,
+        preset: str | None = None,
+        attempts: int = 1,
+        expect: list[str] | None = None,
+        parent: str | None = None,
+        slice: str | None = None,
     ) -> None:
-        self._init(argv=argv, limits=limits, backend=backend, report=report, verbosity=verbosity)
+        self._init(
+            argv=argv,
+            limits=limits,
+            backend=backend,
+            report=report,
+            verbosity=verbosity,
+            preset=preset,
+            attempts=attempts,
+            expect=expect or [],
+            parent=parent,
+            slice=slice,
+        )
 
 
 def parse_run(
     args: list[str], environ: Mapping[str, str], subcommands: tuple[str, ...] = ()
 ) -> RunRequest:
     values: dict[str, str] = {}
+    repeated: dict[str, list[str]] = {}
     flags: set[str] = set()
     index = 0
     while index < len(args):
@@ -131,11 +214,13 @@ def parse_run(
             values[option.dest] = args[index]
         else:
             raise UsageError(f"option {flag} needs a value: {flag} {option.metavar}")
+        if option.dest in REPEATABLE:
+            repeated.setdefault(option.dest, []).append(values.pop(option.dest))
         index += 1
     argv = args[index:]
     if not argv:
         raise UsageError("no command given: aero-sandbox [OPTIONS] -- COMMAND [ARG...]")
-    return build_request(argv, values, flags, environ)
+    return build_request(argv, values, flags, environ, repeated)
 
 
 def _value(dest: str, values: dict[str, str], environ: Mapping[str, str]) -> tuple[str, str] | None:
@@ -150,7 +235,11 @@ def _value(dest: str, values: dict[str, str], environ: Mapping[str, str]) -> tup
 
 
 def build_request(
-    argv: list[str], values: dict[str, str], flags: set[str], environ: Mapping[str, str]
+    argv: list[str],
+    values: dict[str, str],
+    flags: set[str],
+    environ: Mapping[str, str],
+    repeated: Mapping[str, list[str]] | None = None,
 ) -> RunRequest:
     def get(dest: str, default: str) -> tuple[str, str]:
         return _value(dest, values, environ) or (default, dest)
@@ -159,9 +248,48 @@ def build_request(
     pids = parse_pids(*get("pids", str(DEFAULT_PIDS)))
     timeout = parse_duration(*get("timeout", "0"))
     kill_after = parse_grace(*get("kill_after", str(DEFAULT_KILL_AFTER_S)))
+    as_text = _value("address_space", values, environ)
+    address_space = None if as_text is None else parse_size(*as_text) or AS_UNLIMITED
     backend, where = get("backend", "auto")
     if backend not in CHOICES:
         raise UsageError(f"invalid {where} value {backend!r}: expected one of {', '.join(CHOICES)}")
     report = values.get("report")
     verbosity = -1 if "quiet" in flags else 1 if "verbose" in flags else 0
-    return RunRequest(argv, Limits(mem, pids, timeout, kill_after), backend, report, verbosity)
+    preset = values.get("preset")
+    if preset is not None:
+        from sandbox.presets import NAMES
+
+        if preset not in NAMES:
+            raise UsageError(f"invalid --preset value {preset!r}: expected {', '.join(NAMES)}")
+    # The env variable counts only for the build/test tools (its old meaning), --attempts for all.
+    attempts = retry.attempts(argv, values.get("attempts"), environ)
+    expect = list((repeated or {}).get("expect", []))
+    parent_value = _value("parent", values, environ)
+    parent = parent_value[0].strip() if parent_value else None
+    slice_value = _value("slice", values, environ)
+    slice_name = parse_slice(*slice_value) if slice_value else None
+    return RunRequest(
+        argv,
+        Limits(mem, pids, timeout, kill_after, address_space),
+        backend,
+        report,
+        verbosity,
+        preset,
+        attempts,
+        expect,
+        parent,
+        slice_name,
+    )
+
+
+def parse_slice(text: str, where: str = "--slice") -> str:
+    """A systemd slice unit name: letters, digits and :-_.\\ before ".slice" (systemd.unit(5))."""
+    name = text.strip()
+    stem = name.removesuffix(".slice")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:-_.\\")
+    if stem == name or not stem or not set(stem) <= allowed or stem.startswith("-"):
+        raise UsageError(
+            f"invalid {where} value {text!r}: expected a slice unit name such as "
+            "aero-agents.slice (letters, digits, - _ . :, ending in .slice)"
+        )
+    return name

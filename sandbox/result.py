@@ -1,4 +1,4 @@
-"""How a run ended: the reason, the exit status aero-sandbox returns, the stderr line, the report."""
+"""How a run ended: the reason, the exit status we return, the stderr line, the JSON report."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ class Reason:
     NOT_FOUND = "not_found"  # exit 127
     NOT_EXECUTABLE = "not_executable"  # exit 126
     ERROR = "error"  # the launcher's own failure, exit 125
+    MISSING_OUTPUT = "missing_output"  # exited 0, but an --expect path is missing or empty
 
 
 EXIT_TIMEOUT = 124
@@ -36,6 +37,9 @@ EXIT_ERROR = 125
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 EXIT_OOM = 137
+# Below the 124-127 band of timeout(1)/env(1) and 128+N, and used by none of cargo, rustc, npm,
+# node, pytest or jest (xargs alone uses 123, for "a command failed").
+EXIT_MISSING_OUTPUT = 123
 
 
 class Usage(Frozen):
@@ -141,15 +145,15 @@ def classify(
     return Reason.EXITED, code, code, None
 
 
+_ALIASES = ("SIGIOT", "SIGPOLL", "SIGCLD")  # second names of SIGABRT, SIGIO, SIGCHLD
+
+
 def signal_name(signo: int) -> str:
-    for name in dir(_signal):
-        if (
-            name.startswith("SIG")
-            and not name.startswith("SIG_")
-            and getattr(_signal, name) == signo
-        ):
-            if name not in ("SIGIOT", "SIGPOLL", "SIGCLD"):
-                return name
+    # SIG_DFL, SIG_IGN, SIG_BLOCK...: not signals, and equal to 0, 1, 2.
+    names = (n for n in dir(_signal) if n[:3] == "SIG" and n[:4] != "SIG_" and n not in _ALIASES)
+    for name in names:
+        if getattr(_signal, name) == signo:
+            return name
     return f"signal {signo}"
 
 
@@ -178,7 +182,9 @@ def message(result: RunResult) -> str | None:
         return f"the command hit the --pids limit of {limits.pids} tasks and {ended}; raise --pids"
     if result.reason == Reason.SIGNALED and result.signal not in (_signal.SIGINT, _signal.SIGPIPE):
         return f"command killed by {signal_name(result.signal or 0)}"
-    if result.reason in (Reason.NOT_FOUND, Reason.NOT_EXECUTABLE, Reason.ERROR):
+    if result.reason in (
+        Reason.NOT_FOUND, Reason.NOT_EXECUTABLE, Reason.ERROR, Reason.MISSING_OUTPUT
+    ):
         return result.detail
     return None
 
@@ -214,6 +220,13 @@ def report(
 def write_report(path: str, data: dict[str, Any]) -> None:
     import json  # only when a report is asked for: ~7 ms
 
+    # A symlink (/dev/stdout) or not a regular file (a FIFO): write into it. Renaming over it
+    # would replace the link or node itself (as root, /dev/stdout became a regular file).
+    if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)

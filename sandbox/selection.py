@@ -1,6 +1,6 @@
 """Which backend runs the command. The order is the design:
 
-    systemd  when systemd is PID 1 and a bus answers: the cgroup tree is systemd's, ask it for a scope
+    systemd  systemd is PID 1 and a bus answers: the cgroup tree is systemd's, ask it for a scope
     cgroup   when we can create cgroups below our own (root, a delegated subtree, a container)
     rlimit   anywhere else: rlimits and a watchdog (fallback/)
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from sandbox import cgroupfs
 from sandbox.errors import BackendUnavailable, SandboxError
 from sandbox.limits import Limits
 
@@ -30,32 +31,69 @@ def systemd_running() -> bool:
     return os.path.isdir("/run/systemd/system")
 
 
-def make(name: str) -> Backend:
+def make(name: str, parent: str | None = None, slice_name: str | None = None) -> Backend:
+    if slice_name is not None and name != "systemd":
+        # The same for --slice: only a systemd scope can be placed in a slice.
+        raise BackendUnavailable(
+            name,
+            "--slice names a systemd slice, which only the systemd backend uses",
+            "use --backend systemd where systemd runs, or --parent with the cgroup backend",
+        )
+    if parent is not None and name != "cgroup":
+        # A shared budget must never be dropped silently: only the cgroup backend honours it.
+        raise BackendUnavailable(
+            name,
+            "--parent names a cgroupfs directory, which only the cgroup backend uses",
+            "use --backend cgroup, or --slice with systemd",
+        )
     if name == "cgroup":
         from sandbox.cgroup_backend import CgroupBackend
 
-        return CgroupBackend()
+        return CgroupBackend(parent=parent)
     if name == "systemd":
         if not systemd_running():
             raise BackendUnavailable("systemd", "systemd is not running as PID 1 on this host")
-        raise BackendUnavailable("systemd", "the systemd backend is not part of this version yet")
+        from sandbox.systemd_backend import SystemdBackend  # pystemd only in its prepare()
+
+        return SystemdBackend(slice_name)
     if name == "rlimit":
-        raise BackendUnavailable("rlimit", "the rlimit fallback is not part of this version yet")
+        from fallback.backend import RlimitBackend
+
+        return RlimitBackend()
     raise SandboxError(f"unknown backend {name!r}")
 
 
-def prepare(requested: str, limits: Limits, argv: list[str]) -> tuple[Backend, dict[str, Any]]:
-    """A prepared backend and the record of how it was chosen (for the report)."""
-    names = BACKENDS if requested == "auto" else (requested,)
+def prepare(
+    requested: str,
+    limits: Limits,
+    argv: list[str],
+    parent: str | None = None,
+    slice_name: str | None = None,
+) -> tuple[Backend, dict[str, Any]]:
+    """A prepared backend and the record of how it was chosen (for the report).
+
+    "notices" lists the refusals worth a line without -v: systemd runs here but its backend
+    could not (no pystemd, no user manager...), and the refusal says how to fix that.
+    """
+    names: tuple[str, ...] = BACKENDS if requested == "auto" else (requested,)
     refused: dict[str, str] = {}
+    if requested == "auto" and cgroupfs.inside_sandbox():
+        # A new systemd scope would be a sibling of the enclosing sandbox, outside its limits.
+        # The enclosing sandbox is delegated to us: the inner one goes inside it.
+        names = tuple(name for name in names if name != "systemd")
+        refused["systemd"] = "systemd backend skipped: nested inside a sandbox, using its cgroup"
+    notices: list[str] = []
     for name in names:
         try:
-            backend = make(name)
+            backend = make(name, parent, slice_name)
             backend.prepare(limits, argv)
         except BackendUnavailable as err:
             if requested != "auto":
                 raise
             refused[name] = err.line()
+            if name == "systemd" and err.remedy and systemd_running():
+                notices.append(err.line())
             continue
-        return backend, {"requested": requested, "chosen": name, "refused": refused}
+        choice = {"requested": requested, "chosen": name, "refused": refused, "notices": notices}
+        return backend, choice
     raise SandboxError("no backend can run here: " + "; ".join(refused.values()))

@@ -16,7 +16,7 @@ import os
 import select
 import time
 
-from sandbox import linux
+from sandbox import linux, registry
 from sandbox.errors import SandboxError
 from sandbox.limits import Limits
 from sandbox.result import (
@@ -31,7 +31,9 @@ from sandbox.result import (
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal as _signal
+
     from sandbox.backend import Backend
+    from sandbox.relay import Relay
 else:
     # The C half of `signal`: the module `signal` wraps it in enums, ~4 ms of start-up.
     import _signal
@@ -58,7 +60,7 @@ class ExecFailed(Exception):
 class Guardian:
     """A forked process that cleans up after a launcher that died without doing so."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, entry: registry.Entry | None = None) -> None:
         read_end, self._write_end = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:  # pragma: no cover - runs in the guardian
@@ -71,22 +73,21 @@ class Guardian:
                 if os.read(read_end, 1) != b"d":
                     backend.kill_all()
                     backend.remove()
+                    if entry is not None:
+                        registry.discard(entry.path)
             finally:
                 os._exit(0)
         os.close(read_end)
 
     def release(self) -> None:
-        """The launcher cleaned up itself: let the guardian go and reap it (bounded)."""
+        """The launcher cleaned up itself: let the guardian go.
+
+        It exits as soon as it reads the byte. Waiting for that costs a few ms on a busy host
+        and buys nothing: it holds none of the caller's pipes, and once we exit, init (or the
+        nearest subreaper) reaps it. Reap it now only if it is already gone.
+        """
         os.write(self._write_end, b"d")
         os.close(self._write_end)
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except ProcessLookupError:
-            return
-        try:
-            select.select([pidfd], [], [], 2.0)
-        finally:
-            os.close(pidfd)
         try:
             os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
@@ -134,8 +135,14 @@ def spawn(argv: list[str], backend: Backend, child_mask: set[int]) -> int:
     return pid
 
 
-def run(argv: list[str], limits: Limits, backend: Backend) -> RunResult:
-    """Run argv in an already prepared backend; always removes the sandbox before returning."""
+def run(
+    argv: list[str], limits: Limits, backend: Backend, relay: Relay | None = None
+) -> RunResult:
+    """Run argv in an already prepared backend; always removes the sandbox before returning.
+
+    `relay` (only for runs that may be retried) copies the command's output; its fds are served
+    by the poll loop below, so timeouts and signals stay on time however the output is read.
+    """
     start = time.monotonic()
     times_before = os.times()
     old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED)
@@ -145,9 +152,11 @@ def run(argv: list[str], limits: Limits, backend: Backend) -> RunResult:
     ended_by: str | None = None
     killed_after_grace = False
     failure: RunResult | None = None
+    entry = registry.register(backend, argv, limits)  # for `aero-sandbox list` and `gc`
     try:
         linux.set_child_subreaper()
-        guardian = Guardian(backend)
+        guardian = Guardian(backend, entry)
+        registry.note_guardian(entry, guardian.pid)
         try:
             pid = spawn(argv, backend, old_mask)
         except ExecFailed as err:
@@ -162,9 +171,9 @@ def run(argv: list[str], limits: Limits, backend: Backend) -> RunResult:
                 detail=f"cannot run {argv[0]!r}: {err}",
             )
             return failure
-        status, ended_by, killed_after_grace = _supervise(pid, sfd, backend, limits, start)
+        status, ended_by, killed_after_grace = _supervise(pid, sfd, backend, limits, start, relay)
     finally:
-        usage = _tear_down(backend, guardian, status is not None or failure is not None)
+        usage = _tear_down(backend, guardian, status is not None or failure is not None, entry)
         if status is not None and ended_by is None:
             ended_by = usage[1]
         _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
@@ -194,7 +203,7 @@ def run(argv: list[str], limits: Limits, backend: Backend) -> RunResult:
 
 
 def _supervise(
-    pid: int, sfd: int, backend: Backend, limits: Limits, start: float
+    pid: int, sfd: int, backend: Backend, limits: Limits, start: float, relay: Relay | None
 ) -> tuple[int, str | None, bool]:
     """Wait for the main child; returns (wait status, what ended it, SIGKILL needed after grace)."""
     poller = select.poll()
@@ -208,6 +217,7 @@ def _supervise(
     ended_by: str | None = None
     killed_after_grace = False
     status: int | None = None
+    relayed: set[int] = set()
     while status is None:
         now = time.monotonic()
         if deadline is not None and now >= deadline:
@@ -222,7 +232,12 @@ def _supervise(
             next_tick = now + backend.tick_s
         waits = [t for t in (deadline, kill_at, next_tick) if t is not None]
         timeout_ms = -1 if not waits else max(0.0, min(waits) - now) * 1000
+        if relay is not None:
+            relayed = _watch_relay(poller, relay, relayed)
         for fd, _events in poller.poll(timeout_ms):
+            if fd in relayed and relay is not None:
+                relay.ready(fd)
+                continue
             if fd != sfd:
                 check = True
                 continue
@@ -235,6 +250,16 @@ def _supervise(
             ended_by = reason
             backend.kill_all()
     return status, ended_by, killed_after_grace
+
+
+def _watch_relay(poller: select.poll, relay: Relay, registered: set[int]) -> set[int]:
+    """Poll the relay's fds for what it waits on now (reading, or writing when output is held)."""
+    wanted = relay.wanted()
+    for fd in registered - wanted.keys():
+        poller.unregister(fd)
+    for fd, events in wanted.items():
+        poller.register(fd, events)  # registering again only changes the events
+    return set(wanted)
 
 
 def _terminal_already_sent(code: int, pid: int) -> bool:
@@ -261,8 +286,11 @@ def _reap(main: int) -> int | None:
             found = status
 
 
-def _tear_down(backend: Backend, guardian: Guardian | None, ran: bool) -> tuple[Usage, str | None]:
-    """Kill what is left, reap, measure, remove the sandbox, release the guardian. In that order."""
+def _tear_down(
+    backend: Backend, guardian: Guardian | None, ran: bool, entry: registry.Entry | None
+) -> tuple[Usage, str | None]:
+    """Kill what is left, reap, measure, remove the sandbox and its registry entry, release the
+    guardian. In that order."""
     try:
         backend.kill_all()
         _reap(-1)
@@ -272,6 +300,7 @@ def _tear_down(backend: Backend, guardian: Guardian | None, ran: bool) -> tuple[
         try:
             backend.remove()
         finally:
+            registry.unregister(entry)  # never raises
             if guardian is not None:
                 guardian.release()
     return usage, reason

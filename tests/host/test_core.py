@@ -295,7 +295,9 @@ def test_stdout_and_stderr_keep_their_order() -> None:
     assert proc.stdout.split() == [str(i) for i in range(2000)]
 
 
-def run_in_terminal(argv: list[str], typed: bytes = b"", after: bytes = b"ready") -> tuple[int, bytes]:
+def run_in_terminal(
+    argv: list[str], typed: bytes = b"", after: bytes = b"ready"
+) -> tuple[int, bytes]:
     """Run argv as the foreground job of a new pseudo-terminal; type `typed` once `after` shows."""
     import pty
 

@@ -1,0 +1,247 @@
+"""The `rlimit` backend: for hosts where no cgroup can be had (read-only cgroupfs, no delegation).
+
+    memory  a watchdog sums the tree's resident memory every ~0.1 s and kills the whole tree
+            over --mem (reason "oom", exit 137); per-process rlimits (RLIMIT_AS, RLIMIT_DATA,
+            fallback/address_space.py) stop what grows faster than the sampling
+    pids    the watchdog counts the tree's tasks and kills it over --pids; for users the kernel
+            does not exempt, RLIMIT_NPROC too (it counts all of the user's tasks, so it is set
+            to what the user already runs plus --pids)
+    tree    the launcher is a child subreaper: descendants that double-fork or setsid() come back
+            to it, so it can signal, kill and reap all of them
+    guardian if the launcher is SIGKILLed, the guardian finds the tree through the list the
+            launcher shares with it (fallback/handoff.py) and through an environment marker
+            every descendant inherits, stops it (so it cannot fork away) and kills it
+
+docs/fallback.md says what this cannot do that a cgroup does.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+
+from fallback import proctree
+from fallback.address_space import backstop
+from fallback.handoff import Handoff
+from fallback.watchdog import INTERVAL_S, Watchdog
+from sandbox import cgroupfs
+from sandbox.errors import BackendUnavailable, SandboxError
+from sandbox.limits import Limits
+from sandbox.result import Reason, Usage
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal as _signal
+    from typing import Any
+else:
+    import _signal
+
+# Every process of the tree inherits this variable (unless it clears its environment): the
+# guardian finds by it what was forked after the watchdog's last sample.
+MARKER = "AERO_SANDBOX_TREE"
+KILL_TIMEOUT_S = 3.0  # as cgroupfs.kill_all: a task in uninterruptible sleep may need a moment
+GUARDIAN_STOP_S = 1.0  # of the 2 s promise: stopping what the guardian finds, then the kill
+
+
+class RlimitBackend:
+    name = "rlimit"
+
+    def __init__(self) -> None:
+        self.not_enforced: list[str] = []
+        self.tick_s: float | None = INTERVAL_S
+        self._launcher = os.getpid()
+        self._id = ""
+        self._rlimits: dict[str, int] = {}  # RLIMIT_* name -> value set in the child
+        self._why = ""
+        self._watchdog: Watchdog | None = None
+        self._handoff: Handoff | None = None
+        self._main: int | None = None
+        self._excluded: set[int] = set()
+        self._ended_by: str | None = None
+
+    # -- prepare ------------------------------------------------------------------------------
+    def prepare(self, limits: Limits, argv: list[str]) -> None:
+        if not os.path.isdir(f"{proctree.PROC}/self/task"):
+            raise BackendUnavailable(
+                "rlimit", "/proc is not mounted", "mount it: mount -t proc proc /proc"
+            )
+        self._launcher = os.getpid()
+        self._id = cgroupfs.sandbox_name()
+        chosen = backstop(argv, limits.memory_bytes, limits.address_space_bytes)
+        self._why = chosen.why
+        wanted = {"RLIMIT_AS": chosen.address_space, "RLIMIT_DATA": chosen.data}
+        nproc = limits.pids is not None and _nproc_applies()
+        if nproc and limits.pids is not None:
+            # +1: the guardian, forked after this count, is the user's too.
+            wanted["RLIMIT_NPROC"] = _user_tasks(os.getuid()) + 1 + limits.pids
+        for name, value in wanted.items():
+            if value is not None:
+                # Never above the inherited hard limit: only CAP_SYS_RESOURCE may raise it.
+                hard = resource.getrlimit(getattr(resource, name))[1]
+                self._rlimits[name] = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        if limits.memory_bytes is not None:
+            self.not_enforced.append("kernel memory limit for the tree (sampled instead)")
+        if limits.pids is not None:
+            per_user = "(RLIMIT_NPROC counts all of the user's tasks)"
+            self.not_enforced.append(
+                f"kernel pids limit for the tree {per_user if nproc else '(sampled instead)'}"
+            )
+        self._watchdog = Watchdog(self._launcher, limits.memory_bytes, limits.pids)
+        self._handoff = Handoff()
+
+    # -- run ----------------------------------------------------------------------------------
+    def child_setup(self) -> None:
+        for name, value in self._rlimits.items():
+            resource.setrlimit(getattr(resource, name), (value, value))
+        os.environ[MARKER] = self._id
+
+    def started(self, pid: int) -> None:
+        self._main = pid
+        # Our other children, now: the guardian. Every later one is an orphan of the tree.
+        self._excluded = set(proctree.own_children(self._launcher)) - {pid}
+        assert self._watchdog is not None
+        self._watchdog.adopt(pid, self._excluded)
+        self._publish()
+
+    def watch_fds(self) -> list[int]:
+        return []
+
+    def check(self) -> str | None:
+        if self._ended_by is not None or self._watchdog is None or self._main is None:
+            return self._ended_by
+        memory, tasks = self._watchdog.sample()
+        self.tick_s = self._watchdog.interval_s
+        self._publish()
+        over = self._watchdog.over(memory, tasks)
+        if over is not None:
+            self._ended_by = Reason.OOM if over == "memory" else Reason.PIDS
+        return self._ended_by
+
+    def _publish(self) -> None:
+        if self._handoff is not None and self._watchdog is not None:
+            self._handoff.write(list(self._watchdog.members.items()))
+
+    def signal_all(self, signo: int) -> None:
+        proctree.signal(self._tree_now(), signo)
+
+    def kill_all(self) -> None:
+        if os.getpid() != self._launcher:
+            self._kill_from_guardian()
+            return
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        pause = 0.0005
+        while left := self._tree_now():
+            proctree.signal(left, _signal.SIGKILL)
+            if time.monotonic() > deadline:
+                raise SandboxError(
+                    f"processes {sorted(left)} did not die within {KILL_TIMEOUT_S:g} s of SIGKILL"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def _tree_now(self) -> set[int]:
+        """Live (not zombie) descendants of the launcher, the guardian's subtree excluded."""
+        if self._main is None:  # nothing was started: the launcher's only child is the guardian
+            return set()
+        procs = proctree.table()
+        roots = {
+            pid
+            for pid, info in procs.items()
+            if info.ppid == self._launcher and pid not in self._excluded
+        }
+        return {pid for pid in proctree.descendants(procs, roots) if procs[pid].state not in "ZX"}
+
+    def _kill_from_guardian(self) -> None:
+        """The launcher died: its orphans went to init. Find, stop, then kill what was ours.
+
+        Roots: the processes of the launcher's last sample that still exist with the same start
+        time, and every process carrying our environment marker. Each round stops the roots and
+        their descendants (a stopped process cannot fork) until a round finds nothing new.
+        """
+        roots = proctree.marked(MARKER, self._id)
+        for pid, start in self._handoff.read() if self._handoff is not None else []:
+            info = proctree.stat(pid)
+            if info is not None and info.start == start:
+                roots.add(pid)
+        roots.discard(os.getpid())
+        stopped: set[int] = set()
+        deadline = time.monotonic() + GUARDIAN_STOP_S
+        try:
+            while time.monotonic() < deadline:
+                procs = proctree.table()
+                found = {
+                    pid
+                    for pid in proctree.descendants(procs, roots | stopped)
+                    if procs[pid].state not in "ZX"
+                } - stopped
+                if not found:
+                    break
+                proctree.signal(found, _signal.SIGSTOP)
+                stopped |= found
+        finally:
+            proctree.signal(stopped, _signal.SIGKILL)
+        deadline = time.monotonic() + GUARDIAN_STOP_S
+        while time.monotonic() < deadline and any(_alive(pid) for pid in stopped):
+            time.sleep(0.01)
+
+    def measure(self) -> Usage:
+        watchdog = self._watchdog
+        if watchdog is None:
+            return Usage()
+        return Usage(
+            peak_memory_bytes=watchdog.peak_memory,
+            oom_kills=1 if self._ended_by == Reason.OOM else 0,
+            pids_limit_hits=None if watchdog.tasks_limit is None else watchdog.tasks_limit_hits,
+        )
+
+    def remove(self) -> None:
+        if self._handoff is not None:
+            self._handoff.close()
+            self._handoff = None
+
+    def describe(self) -> dict[str, Any]:
+        watchdog = self._watchdog
+        memory = ["watchdog"] if watchdog and watchdog.memory_limit is not None else []
+        pids = ["watchdog"] if watchdog and watchdog.tasks_limit is not None else []
+        memory += [name for name in ("RLIMIT_AS", "RLIMIT_DATA") if name in self._rlimits]
+        pids += ["RLIMIT_NPROC"] if "RLIMIT_NPROC" in self._rlimits else []
+        return {
+            # The report's limits.address_space_bytes (launch.py): the cap as applied.
+            "address_space_bytes": self._rlimits.get("RLIMIT_AS"),
+            "memory_enforcement": memory,
+            "pids_enforcement": pids,
+            "rlimits": dict(self._rlimits),
+            "address_space_from": self._why,
+            "watchdog": {
+                "counts": "RssAnon+RssShmem+VmSwap per process; PSS when that sum is over --mem",
+                "interval_s": watchdog.interval_s if watchdog else None,
+                "samples": watchdog.samples if watchdog else 0,
+                "peak_tasks": watchdog.peak_tasks if watchdog else None,
+            },
+            "marker": f"{MARKER}={self._id}",
+        }
+
+
+def _alive(pid: int) -> bool:
+    info = proctree.stat(pid)
+    return info is not None and info.state not in "ZX"
+
+
+def _nproc_applies() -> bool:
+    """RLIMIT_NPROC binds everyone but root of the initial user namespace (and holders of
+    CAP_SYS_RESOURCE/CAP_SYS_ADMIN there); root inside a user namespace is bound too."""
+    if os.getuid() != 0:
+        return True
+    data = proctree.read(f"{proctree.PROC}/self/uid_map") or b""
+    return data.split() != [b"0", b"0", b"4294967295"]
+
+
+def _user_tasks(uid: int) -> int:
+    """Tasks (threads) of processes whose real uid is `uid`: what RLIMIT_NPROC counts."""
+    total = 0
+    for pid in proctree.pids():
+        data = proctree.read(f"{proctree.PROC}/{pid}/status")
+        if data and proctree.field(data, b"\nUid:") == uid:  # the first Uid is the real one
+            total += proctree.field(data, b"\nThreads:")
+    return total

@@ -1,0 +1,250 @@
+"""Relaying a command's output through the launcher, for runs that may be retried.
+
+A retry needs to know what the failed attempt printed, so (only when --attempts allows more than
+one attempt) the command writes into a pipe or a pseudo-terminal that the launcher reads and
+copies, byte for byte and as it arrives, to the launcher's own stdout/stderr. The normal path
+never comes here: the child inherits the launcher's stdio untouched.
+
+    start()   fds 1 and 2 of the launcher are pointed at new pipes (a pty when the original is a
+              terminal, so the command still sees a TTY); the child inherits them through fork
+              and exec, stdin stays as it is
+    wanted()  / ready()   called from the supervisor's poll loop: read what the command wrote,
+              write it on to the original output without ever blocking the loop (timeouts and
+              signals keep working while the reader of our output is slow)
+    finish()  after the sandbox is torn down: put fds 1 and 2 back, read to EOF, write the rest
+
+Memory stays bounded: at most PENDING_MAX bytes wait to be written per stream (beyond that we stop
+reading and the command blocks on a full pipe, as it would on the original output), and only the
+last retry.TAIL_BYTES of each stream are kept for the transient-failure patterns.
+When stdout and stderr are the same file, pipe or terminal (`2>&1`), they share one channel, so
+their interleaving is the one the command wrote. When the reader of our output goes away (`| head`),
+the rest is read and dropped, so the command never blocks on a pipe nobody reads.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import stat
+import sys
+import time
+
+from sandbox.retry import TAIL_BYTES
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal as _signal
+    from typing import Any
+else:
+    import _signal
+
+CHUNK = 64 * 1024
+PENDING_MAX = 256 * 1024
+DRAIN_S = 5.0  # after tear-down every writer is dead: EOF comes at once; this is a safety bound
+
+
+class _Channel:
+    """One output of the command (stdout, stderr, or both) and the original it is copied to."""
+
+    def __init__(self, targets: list[int]) -> None:
+        self.targets = targets  # our fds it replaces: [1], [2] or [1, 2]
+        original = targets[0]
+        self.pty = os.isatty(original)
+        if self.pty:
+            self.read_fd, child_end = os.openpty()
+            _raw_output(child_end)
+        else:
+            self.read_fd, child_end = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        self.writer, self.nonblocking = _writer(original)
+        self.saved = {fd: os.dup(fd) for fd in targets}  # the originals, close-on-exec
+        for fd in targets:
+            os.dup2(child_end, fd)  # inheritable: the command gets it as its stdout/stderr
+        os.close(child_end)
+        self.pending = bytearray()
+        self.tail = bytearray()
+        self.eof = False
+        self.discard = False  # the original output is gone: read, keep the tail, write nothing
+        if self.pty:
+            self.copy_window_size()
+
+    def copy_window_size(self) -> None:
+        import fcntl
+        import termios
+
+        try:
+            size = fcntl.ioctl(self.saved[self.targets[0]], termios.TIOCGWINSZ, bytes(8))
+            fcntl.ioctl(self.read_fd, termios.TIOCSWINSZ, size)  # the master sets the pair's
+        except OSError:
+            pass  # not a window (a serial line): the pty keeps 0x0, like the original
+
+    def fill(self) -> None:
+        """Read what is there (non-blocking), up to PENDING_MAX waiting bytes."""
+        while not self.eof and len(self.pending) < PENDING_MAX:
+            try:
+                data = os.read(self.read_fd, CHUNK)
+            except BlockingIOError:
+                return
+            except OSError as err:
+                if err.errno != errno.EIO:  # a pty master reads EIO once every slave is closed
+                    raise
+                data = b""
+            if not data:
+                self.eof = True
+                return
+            if not self.discard:
+                self.pending += data
+            self.tail += data
+            if len(self.tail) > TAIL_BYTES:
+                del self.tail[:-TAIL_BYTES]
+
+    def flush(self) -> None:
+        while self.pending:
+            try:
+                written = os.write(self.writer, self.pending[:CHUNK])
+            except BlockingIOError:
+                return
+            except OSError:
+                # The reader of our output is gone (EPIPE) or the terminal hung up (EIO). The
+                # rest is read and dropped: the command must not block on a full pipe. (It gets
+                # no SIGPIPE, as it would without us: closing our end would not give it one,
+                # the guardian process holds a copy of that end.)
+                self.pending.clear()
+                self.discard = True
+                return
+            del self.pending[:written]
+
+    def restore(self) -> None:
+        for fd, saved in self.saved.items():
+            os.dup2(saved, fd)
+            os.close(saved)
+        self.saved = {}
+        os.set_blocking(self.writer, True)  # the run is over: no loop left to keep responsive
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.writer)
+
+
+class Relay:
+    """The supervisor's output hook for one attempt (see the module docstring)."""
+
+    def __init__(self) -> None:
+        """Look at fds 1 and 2 now, before the backend opens fds of its own: when the launcher
+        started with one closed, a new fd (an eventfd) may take its number later."""
+        self.channels: list[_Channel] = []
+        self._old_winch: Any = None
+        self._tails: list[bytes] = []
+        self._groups: list[list[int]] = []
+        identities: list[tuple[int, int]] = []
+        for fd in (1, 2):
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                continue  # closed: the command gets it closed too
+            identity = (st.st_dev, st.st_ino)
+            if identity in identities:
+                self._groups[identities.index(identity)].append(fd)
+            else:
+                identities.append(identity)
+                self._groups.append([fd])
+
+    def start(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: started with that fd closed
+                stream.flush()
+        try:
+            for targets in self._groups:
+                self.channels.append(_Channel(targets))
+        except BaseException:
+            self.finish()
+            raise
+        if any(channel.pty for channel in self.channels):
+            self._old_winch = _signal.signal(_signal.SIGWINCH, self._window_changed)
+
+    def _window_changed(self, _signo: int, _frame: object) -> None:
+        for channel in self.channels:
+            if channel.pty and channel.saved:
+                channel.copy_window_size()
+
+    # -- the supervisor's poll loop -------------------------------------------------------------
+    def wanted(self) -> dict[int, int]:
+        """fd -> poll events to wait for now."""
+        fds = {}
+        for channel in self.channels:
+            if not channel.eof and len(channel.pending) < PENDING_MAX:
+                fds[channel.read_fd] = select.POLLIN
+            if channel.pending and channel.nonblocking:
+                fds[channel.writer] = select.POLLOUT
+        return fds
+
+    def ready(self, fd: int) -> None:
+        for channel in self.channels:
+            if fd == channel.read_fd:
+                channel.fill()
+                channel.flush()
+            elif fd == channel.writer:
+                channel.flush()
+
+    # -- after the run --------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Give fds 1 and 2 back, copy the rest of the output (to EOF, bounded), close."""
+        if self._old_winch is not None:
+            _signal.signal(_signal.SIGWINCH, self._old_winch)
+            self._old_winch = None
+        for channel in self.channels:
+            if channel.saved:
+                channel.restore()
+        deadline = time.monotonic() + DRAIN_S
+        try:
+            while reading := [channel for channel in self.channels if not channel.eof]:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                poller = select.poll()
+                for channel in reading:
+                    poller.register(channel.read_fd, select.POLLIN)
+                poller.poll(left * 1000)
+                for channel in reading:
+                    channel.fill()
+                    channel.flush()  # blocking now: waits for a slow reader, loses nothing
+            for channel in self.channels:
+                channel.flush()
+        finally:
+            self._tails = [bytes(channel.tail) for channel in self.channels]
+            for channel in self.channels:
+                channel.close()
+            self.channels = []
+
+    def tails(self) -> list[bytes]:
+        """The last retry.TAIL_BYTES of each output of the finished attempt."""
+        return self._tails
+
+
+def _raw_output(fd: int) -> None:
+    """No output processing on the pty (ONLCR would turn \\n into \\r\\n): the command's bytes
+    reach the real terminal unchanged, and the real terminal processes them as usual."""
+    import termios
+
+    attributes = termios.tcgetattr(fd)
+    attributes[1] &= ~termios.OPOST
+    termios.tcsetattr(fd, termios.TCSANOW, attributes)
+
+
+def _writer(fd: int) -> tuple[int, bool]:
+    """A descriptor to copy the output to, and whether it is non-blocking.
+
+    O_NONBLOCK belongs to the open file description, which the caller's shell shares: setting it
+    on fd 1 itself would break them. A pipe or a terminal can be opened again through /proc,
+    which gives a description of our own; a regular file never blocks, and a socket cannot be
+    reopened (those are written blocking).
+    """
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISFIFO(mode) or os.isatty(fd):
+        try:
+            flags = os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            return os.open(f"/proc/self/fd/{fd}", flags), True
+        except OSError:
+            pass
+    return os.dup(fd), False

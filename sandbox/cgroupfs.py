@@ -239,7 +239,7 @@ def remove_stale(parent: str) -> list[str]:
         return removed
     for name in names:
         pid = launcher_pid(name)
-        if pid is None or pid == os.getpid() or _alive(pid):
+        if pid is None or pid == os.getpid() or pid_exists(pid):
             continue
         path = os.path.join(parent, name)
         try:
@@ -250,7 +250,8 @@ def remove_stale(parent: str) -> list[str]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """Whether a process with this pid exists (it may be another user's: EPERM means yes)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -18,6 +18,7 @@ import socket
 import subprocess
 
 from sandbox import cgroupfs, selection
+from sandbox.enclosing import enclosing_memory_limit
 from sandbox.errors import SandboxError
 from sandbox.frozen import Frozen
 from sandbox.limits import Limits, format_size
@@ -454,6 +455,10 @@ def _machine() -> Check:
         f"memory {format_size(total)} ({format_size(available)} available), swap "
         f"{format_size(swap) if swap else 'none'}; {cores} cores ({usable} usable by us)"
     )
+    # A container's or an admin's cgroup above us caps every sandbox, whatever --mem says.
+    enclosing, where = enclosing_memory_limit()
+    if enclosing is not None:
+        summary += f"; sandboxes here get at most {format_size(enclosing)} (the limit of {where})"
     return Check(
         "machine",
         "ok",
@@ -464,6 +469,8 @@ def _machine() -> Check:
             "swap_bytes": swap,
             "cores": cores,
             "usable_cores": usable,
+            "enclosing_memory_bytes": enclosing,
+            "enclosing_cgroup": where,
         },
     )
 

@@ -350,12 +350,4 @@ def _remove_cgroup(path: str, done: Collection, dry_run: bool) -> bool:
 
 
 def _pid_exists(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid == os.getpid() or cgroupfs.pid_exists(pid)

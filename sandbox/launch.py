@@ -18,6 +18,7 @@ from sandbox.result import (
     Usage,
     message,
     report,
+    signal_name,
     write_report,
 )
 
@@ -188,7 +189,10 @@ def _with_retries(request: RunRequest, start: float) -> tuple[_Attempt, list[str
             f"({matched}); retrying in {delay:.1f}s",
         )
         retried_for.append(matched)
-        time.sleep(delay)
+        signo = supervisor.wait_for_signal(delay)
+        if signo is not None:
+            say(request, f"{signal_name(signo)} during the back-off: not retrying")
+            break
         number += 1
         if deadline is not None:
             left = deadline - time.monotonic()

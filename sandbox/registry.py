@@ -32,6 +32,8 @@ from __future__ import annotations
 import os
 import time
 
+from sandbox import cgroupfs
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -202,7 +204,7 @@ def sweep(directory: str) -> list[str]:
         return removed
     for name in names:
         pid = name.lstrip(".").partition("-")[0]
-        if not pid.isdigit() or _pid_exists(int(pid)):
+        if not pid.isdigit() or cgroupfs.pid_exists(int(pid)):
             continue
         path = os.path.join(directory, name)
         if is_live(path):
@@ -216,14 +218,6 @@ def sweep(directory: str) -> list[str]:
     return removed
 
 
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def directories() -> list[str]:

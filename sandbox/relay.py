@@ -18,7 +18,7 @@ reading and the command blocks on a full pipe, as it would on the original outpu
 last retry.TAIL_BYTES of each stream are kept for the transient-failure patterns.
 When stdout and stderr are the same file, pipe or terminal (`2>&1`), they share one channel, so
 their interleaving is the one the command wrote. When the reader of our output goes away (`| head`),
-the rest is read and dropped, so the command never blocks on a pipe nobody reads.
+our end is closed, so the command gets SIGPIPE as it would writing there itself.
 """
 
 from __future__ import annotations
@@ -106,12 +106,15 @@ class _Channel:
             except BlockingIOError:
                 return
             except OSError:
-                # The reader of our output is gone (EPIPE) or the terminal hung up (EIO). The
-                # rest is read and dropped: the command must not block on a full pipe. (It gets
-                # no SIGPIPE, as it would without us: closing our end would not give it one,
-                # the guardian process holds a copy of that end.)
+                # The reader of our output is gone (EPIPE) or the terminal hung up (EIO). Close
+                # our end, as if the command wrote there itself: its next write gets SIGPIPE
+                # (EIO on a pty), as `cmd | head` would without us. The guardian does not hold
+                # a copy (Guardian closes launcher_fds()).
                 self.pending.clear()
                 self.discard = True
+                self.eof = True
+                os.close(self.read_fd)
+                self.read_fd = -1
                 return
             del self.pending[:written]
 
@@ -123,7 +126,8 @@ class _Channel:
         os.set_blocking(self.writer, True)  # the run is over: no loop left to keep responsive
 
     def close(self) -> None:
-        os.close(self.read_fd)
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
         os.close(self.writer)
 
 
@@ -216,6 +220,13 @@ class Relay:
             for channel in self.channels:
                 channel.close()
             self.channels = []
+
+    def launcher_fds(self) -> list[int]:
+        """The fds only the launcher may hold: a forked helper (the guardian) closes them."""
+        fds = []
+        for channel in self.channels:
+            fds += [channel.read_fd, channel.writer, *channel.saved.values()]
+        return [fd for fd in fds if fd >= 0]
 
     def tails(self) -> list[bytes]:
         """The last retry.TAIL_BYTES of each output of the finished attempt."""

@@ -51,6 +51,30 @@ FORWARDED = frozenset(
 HANDLED = FORWARDED | {_signal.SIGCHLD}
 
 
+_original_mask: set[int] | None = None
+
+
+def block_signals() -> set[int]:
+    """Block the signals we handle, for the rest of the launcher's life; return the mask the
+    command must get (the one we started with).
+
+    They are read from a signalfd during a run. Never unblocking them means a signal that
+    arrives between runs (a retry's back-off) or during tear-down waits for the next run or is
+    dropped at exit, instead of killing the launcher before it has cleaned up and reported.
+    """
+    global _original_mask
+    if _original_mask is None:
+        _original_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED)
+    return _original_mask
+
+
+def wait_for_signal(seconds: float) -> int | None:
+    """Sleep (signals blocked) until `seconds` pass or a forwarded signal comes; return it."""
+    block_signals()
+    info = _signal.sigtimedwait(FORWARDED, seconds)
+    return None if info is None else info.si_signo
+
+
 class ExecFailed(Exception):
     def __init__(self, errno: int, message: str) -> None:
         super().__init__(message)
@@ -60,12 +84,15 @@ class ExecFailed(Exception):
 class Guardian:
     """A forked process that cleans up after a launcher that died without doing so."""
 
-    def __init__(self, backend: Backend, entry: registry.Entry | None = None) -> None:
+    def __init__(
+        self, backend: Backend, entry: registry.Entry | None = None, close: list[int] | None = None
+    ) -> None:
         read_end, self._write_end = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:  # pragma: no cover - runs in the guardian
             try:
-                os.close(self._write_end)
+                for fd in [self._write_end, *(close or ())]:
+                    os.close(fd)
                 os.setsid()  # out of the terminal's process group: ^C and ^Z are not for us
                 null = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):  # never hold the caller's pipes open
@@ -145,20 +172,21 @@ def run(
     """
     start = time.monotonic()
     times_before = os.times()
-    old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED)
+    child_mask = block_signals()
     sfd = linux.signalfd(HANDLED)
     guardian: Guardian | None = None
     status: int | None = None
     ended_by: str | None = None
     killed_after_grace = False
     failure: RunResult | None = None
-    entry = registry.register(backend, argv, limits)  # for `aero-sandbox list` and `gc`
+    entry: registry.Entry | None = None
     try:
+        entry = registry.register(backend, argv, limits)  # for `aero-sandbox list` and `gc`
         linux.set_child_subreaper()
-        guardian = Guardian(backend, entry)
+        guardian = Guardian(backend, entry, relay.launcher_fds() if relay else None)
         registry.note_guardian(entry, guardian.pid)
         try:
-            pid = spawn(argv, backend, old_mask)
+            pid = spawn(argv, backend, child_mask)
         except ExecFailed as err:
             code = EXIT_NOT_FOUND if err.errno in (2, 20) else EXIT_NOT_EXECUTABLE
             failure = RunResult(
@@ -176,7 +204,6 @@ def run(
         usage = _tear_down(backend, guardian, status is not None or failure is not None, entry)
         if status is not None and ended_by is None:
             ended_by = usage[1]
-        _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
         os.close(sfd)
     measured = usage[0]
     if measured.cpu_s is None:  # no cgroup cpu.stat: we reap every descendant (subreaper)

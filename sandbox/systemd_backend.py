@@ -110,7 +110,8 @@ def unit_properties(
 
 
 def describe_command(argv: list[str]) -> str:
-    text = "aero-sandbox: " + " ".join(argv)
+    """One line: systemctl shows a description with a newline (`sh -c` scripts) as unprintable."""
+    text = "aero-sandbox: " + " ".join(" ".join(arg.split()) for arg in argv)
     return text if len(text) <= DESCRIPTION_CHARS else text[: DESCRIPTION_CHARS - 3] + "..."
 
 

@@ -100,6 +100,20 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
     return predicate()
 
 
+_kernel_sandbox: tuple[bool, str] | None = None
+
+
+def need_kernel_sandbox() -> None:
+    """Skip unless `auto` enforces limits in the kernel here (a cgroup or a systemd scope, not
+    the rlimit fallback): root on the development machine, anyone in the VM stage."""
+    global _kernel_sandbox
+    if _kernel_sandbox is None:
+        probe = run_launcher(["--report", "/dev/stdout", "-q", "--", "true"], timeout=30)
+        usable = probe.returncode == 0 and '"backend": "rlimit"' not in probe.stdout
+        _kernel_sandbox = (usable, f"no cgroup or systemd backend here: {probe.stderr.strip()}")
+    need(*_kernel_sandbox)
+
+
 @pytest.fixture
 def pids_to_kill():
     """Pids a test learned of (daemons it made); any still alive at the end are killed."""

@@ -1,9 +1,9 @@
 #!/bin/bash
 # Runs inside the qemu stage's VM as root, started by aero-vm-stage.service with:
 #   /mnt/host     (ro) this script, provision.sh, stage.env, wheelhouse/
-#   /mnt/src      (ro) the project tree
+#   /mnt/src      (ro) the project tree (copied to /home/aero/project, where the tests run)
 #   /mnt/results  (rw) output.log (this script's output, streamed by the host), timings,
-#                 test-root.log / test-aero.log, root.rc / aero.rc
+#                 test-root.log / test-aero.log, root.rc / aero.rc, journal.log
 # Installs the project offline, then runs the tests as root and as the lingering user aero.
 set -euo pipefail
 HOST=/mnt/host SRC=/mnt/src RES=/mnt/results
@@ -11,6 +11,28 @@ WORK=/home/aero/project       # tests are copied here, owned by aero
 PY=/opt/aero-sandbox/bin/python
 source "$HOST/stage.env"      # AERO_VM_PYTEST_ARGS (may be empty), AERO_VM_RUN_TIMEOUT
 export PYTHONUNBUFFERED=1     # so the host sees test output as it happens
+
+# Power off as soon as this script ends, whatever happened: processes the tests leave behind in
+# this unit's cgroup would otherwise hold the unit's stop (and ExecStopPost's poweroff) back.
+finish() {
+    local f p pids left=()
+    shopt -s globstar nullglob   # builtins only: a forked reader would list itself
+    for f in /sys/fs/cgroup/system.slice/aero-vm-stage.service/**/cgroup.procs; do
+        mapfile -t pids <"$f"
+        for p in "${pids[@]}"; do if [ "$p" != $$ ] && [ -e "/proc/$p" ]; then left+=("$p"); fi; done
+    done
+    if [ "${#left[@]}" -gt 0 ]; then
+        echo "== processes left behind in aero-vm-stage.service:"
+        ps -o pid,user,args -p "$(IFS=,; echo "${left[*]}")" || true
+    fi
+    # The whole boot's journal: units, OOM kills, anything that killed or stopped something.
+    journalctl -b -q --no-pager -o short-monotonic >"$RES/journal.log" 2>&1 || true
+    sync
+    systemctl poweroff --force --force
+}
+trap finish EXIT
+# systemd sends TERM to all of this unit's processes when something stops or kills the unit.
+trap 'echo "== guest-stage.sh: SIGTERM: something stopped or killed aero-vm-stage.service"; exit 143' TERM
 
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 phase_start=0
@@ -30,15 +52,15 @@ echo "/sys/fs/cgroup: $(stat -fc %T /sys/fs/cgroup); controllers: $(cat /sys/fs/
 begin "provision: venv + offline pip install"
 bash "$HOST/provision.sh" --wheelhouse "$HOST/wheelhouse"
 end pip_install
-"$PY" -m pip list --format=freeze | grep -iE '^(aero|pystemd|pytest)' || true
+"$PY" -c 'from importlib.metadata import version as v
+print(" ".join(f"{p}=={v(p)}" for p in ("aero-sandbox", "pystemd", "pytest")))'
 
-# Only the tests and pytest configuration are copied: `import` must find the installed wheel,
-# not the source tree. The full tree stays readable at /mnt/src (AERO_SRC_DIR).
+# The tests run the checkout itself (tests/conftest.py: ROOT = tests/.., PYTHONPATH=ROOT, and
+# scripts/), with the venv for pytest and the dependencies. Copied whole, less VCS data and
+# caches, and owned by aero: both runs can write there and read each other's files.
 rm -rf "$WORK" && mkdir -p "$WORK"
-cp -r "$SRC/tests" "$WORK/"
-for f in pyproject.toml pytest.ini setup.cfg tox.ini conftest.py; do
-    if [ -e "$SRC/$f" ]; then cp "$SRC/$f" "$WORK/"; fi
-done
+tar -C "$SRC" --exclude=./.git --exclude=./.venv --exclude='./.*_cache' --exclude=__pycache__ \
+    --exclude='*.egg-info' --exclude=./build --exclude=./dist -cf - . | tar -C "$WORK" -xf -
 chown -R aero:aero "$WORK"
 
 if [ -n "${AERO_VM_PYTEST_ARGS:-}" ]; then
@@ -47,19 +69,26 @@ else
     args=(-q -rs)
     for d in tests/unit tests/host tests/vm; do if [ -d "$WORK/$d" ]; then args+=("$d"); fi; done
 fi
-test_env=(AERO_VM=1 AERO_REQUIRE_CAPABILITIES=1 AERO_SRC_DIR="$SRC" PYTHONDONTWRITEBYTECODE=1)
+test_env=(AERO_VM=1 AERO_REQUIRE_CAPABILITIES=1)
 pytest_cmd=(timeout -k 10 "$AERO_VM_RUN_TIMEOUT" "$PY" -m pytest -p no:cacheprovider "${args[@]}")
 
-# run NAME CMD...: output to the stream and to test-NAME.log, exit code to NAME.rc
+# run NAME CMD...: output to test-NAME.log and the stream, exit code to NAME.rc.
+# A file + tail --pid, not a pipe to tee: a process the tests leave holding stdout cannot stall us.
 run() {
-    local name=$1 rc=0; shift
-    begin "tests as $name: ${pytest_cmd[*]:4}"
-    (cd "$WORK" && "$@") 2>&1 | tee "$RES/test-$name.log" || rc=${PIPESTATUS[0]}
+    local name=$1 rc=0 pid; shift
+    begin "tests as $name: $(printf '%q ' "${pytest_cmd[@]:4}")"
+    : >"$RES/test-$name.log"   # exists before tail looks for it
+    (cd "$WORK" && exec "$@") >"$RES/test-$name.log" 2>&1 </dev/null &
+    pid=$!
+    tail -n +1 -f --pid="$pid" "$RES/test-$name.log" &
+    wait "$pid" || rc=$?
+    wait
     echo "$rc" >"$RES/$name.rc"
     end "test_$name"
     echo "== tests as $name exited $rc"
 }
 
+echo "boot_to_tests $(uptime_s)" >>"$RES/timings"
 run root env "${test_env[@]}" "${pytest_cmd[@]}"
 
 begin "starting user@1000.service (lingering user aero)"

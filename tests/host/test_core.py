@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import (
     LAUNCHER,
     launcher_env,
-    need,
+    need_kernel_sandbox,
     pid_alive,
     read_report,
     run_launcher,
@@ -32,12 +32,7 @@ ALLOCATE = "b = bytearray({size}); b[::4096] = b'x' * len(b[::4096]); print('all
 
 @pytest.fixture(autouse=True)
 def cgroups_usable() -> None:
-    """Skip unless `auto` can enforce memory here (root on this host; anything in the VM)."""
-    probe = run_launcher(["--report", "/dev/stdout", "-q", "--", "true"], timeout=30)
-    need(
-        probe.returncode == 0 and '"backend": "rlimit"' not in probe.stdout,
-        f"no cgroup or systemd backend here: {probe.stderr.strip()}",
-    )
+    need_kernel_sandbox()
 
 
 def test_allocation_over_the_limit_is_oom_killed(tmp_path: Path) -> None:

@@ -20,18 +20,22 @@ from typing import Any
 import pytest
 
 from sandbox import cgroupfs, registry
-from tests.conftest import LAUNCHER, launcher_env, need, pid_alive, run_launcher, wait_until
+from tests.conftest import (
+    LAUNCHER,
+    launcher_env,
+    need,
+    need_kernel_sandbox,
+    pid_alive,
+    run_launcher,
+    wait_until,
+)
 
 PY = sys.executable
 
 
 @pytest.fixture(autouse=True)
 def cgroups_usable() -> None:
-    probe = run_launcher(["--report", "/dev/stdout", "-q", "--", "true"], timeout=30)
-    need(
-        probe.returncode == 0 and '"backend": "rlimit"' not in probe.stdout,
-        f"no cgroup or systemd backend here: {probe.stderr.strip()}",
-    )
+    need_kernel_sandbox()
 
 
 def listed() -> list[dict[str, Any]]:

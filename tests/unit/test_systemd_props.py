@@ -80,6 +80,7 @@ def test_long_commands_are_cut_in_the_description() -> None:
     text = describe_command(["node", "x" * 1000])
     assert len(text) == DESCRIPTION_CHARS and text.endswith("...")
     assert describe_command(["true"]) == "aero-sandbox: true"
+    assert describe_command(["sh", "-c", "a\n\tb"]) == "aero-sandbox: sh -c a b"
 
 
 def fake_apply_signature(signature: bytes, values: list[object]) -> list[tuple[int, object]]:

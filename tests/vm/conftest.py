@@ -103,6 +103,24 @@ class Mode:
         return data
 
 
+def process_states(pid: int) -> str:
+    """The launcher's threads and children as /proc shows them: what a hung run waits on."""
+    lines = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            status = Path(f"/proc/{pid}/task/{task}/status").read_text().splitlines()
+            wanted = [s for s in status if s.startswith(("State", "SigPnd", "ShdPnd", "SigBlk"))]
+            wchan = Path(f"/proc/{pid}/task/{task}/wchan").read_text()
+            lines.append(f"{pid}/{task} {wanted} wchan={wchan}")
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            status = Path(f"/proc/{child}/status").read_text().splitlines()
+            wanted = [s for s in status if s.startswith(("Name", "State", "SigPnd", "SigCgt"))]
+            lines.append(f"child {child} {wanted} wchan={Path(f'/proc/{child}/wchan').read_text()}")
+    except OSError as err:
+        lines.append(str(err))
+    return "\n".join(lines)
+
+
 @pytest.fixture(params=["systemd", "cgroup"], ids=["auto-systemd", "cgroup-in-delegated-scope"])
 def mode(request: pytest.FixtureRequest) -> Mode:
     return Mode(request.param)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LAUNCHER, pid_alive, read_report, sandbox_cgroups, wait_until
-from tests.vm.conftest import PY, Mode, units
+from tests.vm.conftest import PY, Mode, process_states, units
 
 ALLOCATE = "b = bytearray({size}); b[::4096] = b'x' * len(b[::4096]); print('allocated')"
 
@@ -179,7 +179,11 @@ def test_signals_are_forwarded_to_the_child(mode: Mode, signo: int) -> None:
         assert launcher.stdout is not None
         assert launcher.stdout.readline() == "ready\n"
         launcher.send_signal(signo)
-        assert launcher.wait(timeout=30) == 40 + signo
+        try:
+            code = launcher.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the launcher did not end:\n{process_states(launcher.pid)}")
+        assert code == 40 + signo
         assert launcher.stdout.read() == f"got {signo}\n"
     finally:
         if launcher.poll() is None:

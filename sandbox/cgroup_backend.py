@@ -257,7 +257,13 @@ def _enable_controllers(own: str, wanted: set[str]) -> str:
     cgroup v2 lets a cgroup enable controllers for its children only while it holds no
     processes itself (the root excepted), so first move our cgroup's processes, ourselves
     included, into a leaf below it (BenchExec and container inits do the same).
+    An earlier launcher may have done so already: then we run in that leaf, and its parent,
+    which has the controllers, is where sandboxes go (not a leaf of the leaf).
     """
+    if os.path.basename(own) == LEAF:
+        above = os.path.dirname(own)
+        if wanted <= set(cgroupfs.read_words(above + "/cgroup.subtree_control")):
+            return above
     missing = wanted - set(cgroupfs.read_words(own + "/cgroup.subtree_control"))
     if not missing:
         return own

@@ -26,16 +26,16 @@ install_from_wheelhouse() {
     # A venv without its own pip, filled by the system's pip (python3-pip): under TCG, ensurepip
     # alone takes 30 s and byte-compiling every file 8 s more. Python compiles what is imported.
     /usr/bin/python3 -m venv --without-pip --clear "$PREFIX"
-    /usr/bin/python3 -m pip --python "$PREFIX/bin/python" install --quiet --disable-pip-version-check --root-user-action=ignore \
-        --no-compile --no-index --find-links "$1" "$REQ"
+    /usr/bin/python3 -m pip --python "$PREFIX/bin/python" install --quiet --no-compile \
+        --disable-pip-version-check --root-user-action=ignore --no-index --find-links "$1" "$REQ"
 }
 
 install_from_source() {
     # pystemd has no wheel on PyPI: it is compiled against libsystemd. nodejs: WebAssembly tests.
     export DEBIAN_FRONTEND=noninteractive
     apt-get -qq update
-    apt-get -qq install -y --no-install-recommends ca-certificates python3-venv python3-dev gcc pkg-config \
-        libsystemd-dev nodejs >/dev/null
+    apt-get -qq install -y --no-install-recommends ca-certificates python3-venv python3-dev gcc \
+        pkg-config libsystemd-dev nodejs >/dev/null
     # Build from a copy: an in-tree build would write build/ and *.egg-info into the shared folder.
     local tmp; tmp=$(mktemp -d)
     tar -C "$1" --exclude=./.venv --exclude=./build --exclude=./dist -cf - . | tar -C "$tmp" -xf -

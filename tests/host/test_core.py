@@ -418,6 +418,8 @@ def test_sixteen_sandboxes_at_once_leave_nothing(tmp_path: Path) -> None:
 def test_a_later_run_removes_a_crashed_launchers_cgroup(tmp_path: Path) -> None:
     report = tmp_path / "r.json"
     assert run_launcher(["--report", str(report), "--", "true"]).returncode == 0
+    if read_report(report)["backend"] != "cgroup":
+        pytest.skip("systemd collects its own transient scopes: no cgroup of ours to sweep")
     memory_dir = Path(read_report(report)["sandbox"]["cgroups"]["memory"]).parent  # type: ignore[index]
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -105,6 +105,14 @@ def test_enable_controllers_moves_processes_into_a_leaf_first(tmp_path: Path) ->
     assert (own / "cgroup.subtree_control").read_text() == "+memory +pids"
 
 
+def test_a_launcher_already_in_the_leaf_uses_the_leafs_parent(tmp_path: Path) -> None:
+    """The second launcher in a delegated cgroup runs in aero-leaf: no leaf of the leaf."""
+    own = fake_v2(tmp_path / "own", subtree="memory pids\n")
+    leaf = fake_v2(own / LEAF, procs="4242\n")
+    assert _enable_controllers(str(leaf), {"memory", "pids"}) == str(own)
+    assert not (leaf / LEAF).exists()
+
+
 def test_root_cgroup_may_keep_its_processes(tmp_path: Path) -> None:
     own = fake_v2(tmp_path / "root", procs="1\n", is_root=True)
     _enable_controllers(str(own), {"memory"})

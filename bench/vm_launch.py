@@ -3,7 +3,7 @@
 
 Inside the VM, through the stage (prints the table into its log, as root and as the user aero):
 
-    AERO_VM_PYTEST_ARGS="-s -q /mnt/src/bench/vm_launch.py" bash vagrant/qemu-stage
+    AERO_VM_PYTEST_ARGS="-s -q bench/vm_launch.py" bash vagrant/qemu-stage
 
 or by hand on any systemd host with the project installed:
 

@@ -224,7 +224,9 @@ class CgroupBackend:
             cgroups["pids"] = self.pids[0]
         if self.v2 is not None:
             cgroups["unified"] = self.v2
-        versions = sorted({v for v in self.dirs.values()})
+        # From what was placed, not from self.dirs: remove() empties that before the report.
+        placed = [self.memory, self.pids, (self.v2, 2) if self.v2 else None]
+        versions = sorted({version for item in placed if item for version in item[1:]})
         mode = "v2" if versions == [2] else "v1" if versions == [1] else "hybrid"
         return {"cgroups": cgroups, "cgroup_mode": mode}
 

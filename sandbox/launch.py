@@ -38,6 +38,9 @@ def say(request: RunRequest, text: str, level: int = 0) -> None:
 
 def execute(request: RunRequest) -> int:
     start = time.monotonic()
+    # Before anything can start a thread (pystemd's bus, a backend): a thread created with these
+    # signals unblocked would take them, and the signalfd would never see them.
+    supervisor.block_signals()
     if request.preset is not None:
         from sandbox import presets
 

@@ -193,6 +193,14 @@ class SystemdBackend:
                 "the bus): use the cgroup backend (auto does)",
             )
         root = self._bus.root
+        if not os.access(f"{CGROUP_ROOT}{root}", os.W_OK):
+            self._close_bus()
+            # We arrange the scope's subtree ourselves (holder, command, memory.oom.group).
+            raise BackendUnavailable(
+                "systemd",
+                f"cannot write below {CGROUP_ROOT}{root} (a read-only cgroupfs?), where the "
+                "scope's own cgroups go: use the cgroup or rlimit backend (auto does)",
+            )
         available = cgroupfs.read_words(f"{CGROUP_ROOT}{root}/cgroup.controllers")
         wanted = {"memory": limits.memory_bytes is not None, "pids": limits.pids is not None}
         missing = [c for c, needed in wanted.items() if needed and c not in available]
@@ -326,8 +334,8 @@ class SystemdBackend:
             return
         if target is None and self._in_guardian():
             target = self._lookup_scope()  # the launcher died: ask systemd where the scope is
-        if target is not None and not cgroupfs.kill_all(target, 2):
-            raise SandboxError(f"processes in {target} did not die within 3 s of SIGKILL")
+        if target is not None:
+            _kill_cgroup(target)
 
     def measure(self) -> Usage:
         if self.command is None or self.scope is None:
@@ -361,8 +369,8 @@ class SystemdBackend:
             return
         try:
             scope = self.scope or self._lookup_scope()
-            if scope is not None and not cgroupfs.kill_all(scope, 2):
-                raise SandboxError(f"processes in {scope} did not die within 3 s of SIGKILL")
+            if scope is not None:
+                _kill_cgroup(scope)
             self._end_holder()
             bus = self._connection()
             bus.stop_unit(self.unit)
@@ -426,6 +434,16 @@ class SystemdBackend:
             for fd in self._release:
                 os.close(fd)
             self._release = None
+
+
+def _kill_cgroup(directory: str) -> None:
+    """SIGKILL everything in a cgroup subtree and wait (bounded) until it is empty."""
+    try:
+        emptied = cgroupfs.kill_all(directory, 2)
+    except OSError as err:
+        raise SandboxError(f"cannot kill the processes in {directory}: {err.strerror}") from err
+    if not emptied:
+        raise SandboxError(f"processes in {directory} did not die within 3 s of SIGKILL")
 
 
 def _fork_holder() -> int:

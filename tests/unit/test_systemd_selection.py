@@ -206,3 +206,11 @@ def test_slice_option_and_environment() -> None:
 def test_bad_slice_names(bad: str) -> None:
     with pytest.raises(UsageError, match="expected a slice unit name"):
         parse_run(["--slice", bad, "true"], {})
+
+
+def test_a_read_only_cgroupfs_is_quiet(systemd_host: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend makes the scope's own cgroups (holder, command): it needs to write there."""
+    fake_pystemd(monkeypatch, open_error=None)
+    monkeypatch.setattr(systemd_backend.os, "access", lambda path, mode: False)
+    err = refusal()
+    assert "read-only cgroupfs" in err.message and err.remedy is None

@@ -648,7 +648,7 @@ class _Bus:
         for row in units or []:
             name = _text(row[0])  # (name, description, load state, active state, ...)
             pid = cgroupfs.launcher_pid(name.removesuffix(".scope"))
-            if pid is None or pid == os.getpid() or _alive(pid):
+            if pid is None or pid == os.getpid() or cgroupfs.pid_exists(pid):
                 continue
             kill = self._dbuslib.apply_signature(b"ssi", [name.encode(), b"all", _signal.SIGKILL])
             try:
@@ -678,16 +678,6 @@ class _Bus:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _linger_remedy() -> str:

@@ -25,9 +25,9 @@ from tests.conftest import (
     sandbox_cgroups,
     wait_until,
 )
+from tests.programs import ALLOCATE, DAEMON, FORK_BOMB, STUBBORN_TREE
 
 PY = sys.executable
-ALLOCATE = "b = bytearray({size}); b[::4096] = b'x' * len(b[::4096]); print('allocated')"
 
 
 @pytest.fixture(autouse=True)
@@ -58,21 +58,6 @@ def test_memory_limit_from_the_environment() -> None:
     assert proc.returncode == 137
 
 
-FORK_BOMB = """
-import os, sys, time
-children = []
-try:
-    for _ in range(10000):
-        pid = os.fork()
-        if pid == 0:
-            time.sleep(30)
-            os._exit(0)
-        children.append(pid)
-except OSError as err:
-    print(len(children), err.errno)
-    sys.exit(1)
-print(len(children), 0)
-"""
 
 
 def test_fork_bomb_stops_at_the_pids_limit(tmp_path: Path) -> None:
@@ -86,19 +71,6 @@ def test_fork_bomb_stops_at_the_pids_limit(tmp_path: Path) -> None:
     assert "--pids limit of 50" in proc.stderr
 
 
-STUBBORN_TREE = """
-import os, signal, sys, time
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-pids = [os.getpid()]
-for _ in range(3):
-    pid = os.fork()
-    if pid == 0:
-        time.sleep(60)
-        os._exit(0)
-    pids.append(pid)
-open(sys.argv[1], "w").write(" ".join(map(str, pids)))
-time.sleep(60)
-"""
 
 
 def test_timeout_kills_a_tree_that_ignores_sigterm(tmp_path: Path, pids_to_kill: list[int]) -> None:
@@ -133,16 +105,6 @@ def test_obedient_child_ends_with_sigterm(tmp_path: Path) -> None:
     assert data["killed_after_grace"] is False
 
 
-DAEMON = """
-import os, sys, time
-if os.fork() == 0:
-    os.setsid()
-    if os.fork() == 0:
-        open(sys.argv[1], "w").write(str(os.getpid()))
-        time.sleep(60)
-    os._exit(0)
-time.sleep(0.3)
-"""
 
 
 def test_setsid_daemon_does_not_outlive_the_sandbox(

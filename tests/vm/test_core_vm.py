@@ -10,53 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LAUNCHER, pid_alive, read_report, sandbox_cgroups, wait_until
+from tests.programs import ALLOCATE, DAEMON, FORK_BOMB, STUBBORN_TREE
 from tests.vm.conftest import PY, Mode, process_states, units
-
-ALLOCATE = "b = bytearray({size}); b[::4096] = b'x' * len(b[::4096]); print('allocated')"
-
-FORK_BOMB = """
-import os, sys, time
-children = []
-try:
-    for _ in range(10000):
-        pid = os.fork()
-        if pid == 0:
-            time.sleep(30)
-            os._exit(0)
-        children.append(pid)
-except OSError as err:
-    print(len(children), err.errno)
-    sys.exit(1)
-print(len(children), 0)
-"""
-
-# A tree whose every process ignores SIGTERM; it writes its pids to argv[1].
-STUBBORN_TREE = """
-import os, signal, sys, time
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-pids = [os.getpid()]
-for _ in range(3):
-    pid = os.fork()
-    if pid == 0:
-        time.sleep(120)
-        os._exit(0)
-    pids.append(pid)
-open(sys.argv[1] + ".tmp", "w").write(" ".join(map(str, pids)))
-os.rename(sys.argv[1] + ".tmp", sys.argv[1])
-time.sleep(120)
-"""
-
-DAEMON = """
-import os, sys, time
-if os.fork() == 0:
-    os.setsid()
-    if os.fork() == 0:
-        open(sys.argv[1] + ".tmp", "w").write(str(os.getpid()))
-        os.rename(sys.argv[1] + ".tmp", sys.argv[1])
-        time.sleep(120)
-    os._exit(0)
-time.sleep(0.5)
-"""
 
 FORWARD = """
 import signal, sys, time

@@ -36,20 +36,14 @@ def main(args: list[str] | None = None) -> int:
 
 
 def _click_main(args: list[str]) -> int:
+    import click
+
     from sandbox.commands import cli
 
     try:
         # Without standalone mode, click returns a subcommand's click.exceptions.Exit code.
         code = cli.main(args=args, prog_name="aero-sandbox", standalone_mode=False)
-    except SandboxError:
-        raise
-    except Exception as err:  # click's own usage errors
-        import click
-
-        if isinstance(err, click.ClickException):
-            sys.stderr.write(f"aero-sandbox: {err.format_message()}\n")
-            return EXIT_ERROR
-        if isinstance(err, click.exceptions.Exit):
-            return err.exit_code
-        raise
+    except click.ClickException as err:  # click's own usage errors
+        sys.stderr.write(f"aero-sandbox: {err.format_message()}\n")
+        return EXIT_ERROR
     return code if isinstance(code, int) else 0

@@ -100,6 +100,53 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
     return predicate()
 
 
+def run_in_terminal(
+    argv: list[str],
+    typed: bytes = b"",
+    after: bytes = b"ready",
+    rows: int = 40,
+    cols: int = 100,
+    timeout: float = 30.0,
+) -> tuple[int, bytes]:
+    """Run argv as the foreground job of a new rows x cols pseudo-terminal, bounded; type
+    `typed` once `after` shows. Returns (exit status, everything the terminal showed)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+            os.environ.update(launcher_env())
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(127)
+    output = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([fd], [], [], left)[0]:
+                break
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: every writer of the terminal is gone
+                break
+            if not chunk:
+                break
+            if typed and after in output + chunk and after not in output:
+                os.write(fd, typed)
+            output += chunk
+    finally:
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)  # its guardian removes the sandbox
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    return os.waitstatus_to_exitcode(status), output
+
+
 _kernel_sandbox: tuple[bool, str] | None = None
 
 

@@ -45,3 +45,15 @@ if os.fork() == 0:
     os._exit(0)
 time.sleep(0.5)
 """
+
+# Exits 40 + N on signal N; prints "ready" once its handlers are in place.
+FORWARD = """
+import signal, sys, time
+def handler(signo, frame):
+    print("got", signo, flush=True)
+    sys.exit(40 + signo)
+for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT):
+    signal.signal(s, handler)
+print("ready", flush=True)
+time.sleep(60)
+"""

@@ -21,6 +21,7 @@ from tests.conftest import (
     need,
     pid_alive,
     read_report,
+    run_in_terminal,
     run_launcher,
     wait_until,
 )
@@ -383,34 +384,7 @@ def test_reader_gone_gives_sigpipe_as_without_a_relay(attempts: str) -> None:
     assert launcher.returncode == 128 + signal.SIGPIPE and err == b""
 
 
-def run_in_a_terminal(argv: list[str], rows: int = 40, cols: int = 100) -> tuple[int, bytes]:
-    import fcntl
-    import pty
-    import struct
-    import termios
 
-    pid, fd = pty.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-            os.environ.update(launcher_env())
-            os.execv(argv[0], argv)
-        finally:
-            os._exit(127)
-    output = b""
-    try:
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            output += chunk
-    finally:
-        _, status = os.waitpid(pid, 0)
-        os.close(fd)
-    return os.waitstatus_to_exitcode(status), output
 
 
 def test_relay_keeps_a_terminal_a_terminal() -> None:
@@ -419,7 +393,7 @@ def test_relay_keeps_a_terminal_a_terminal() -> None:
         "os.get_terminal_size(1).columns, os.get_terminal_size(1).lines); "
         "print('to stderr', file=sys.stderr)"
     )
-    code_status, output = run_in_a_terminal(LAUNCHER + ["--attempts", "2", "--", PY, "-c", code])
+    code_status, output = run_in_terminal(LAUNCHER + ["--attempts", "2", "--", PY, "-c", code])
     assert code_status == 0
     # The terminal's own ONLCR turns \n into \r\n once (the relay's pty adds none).
     assert output == b"True True True 100 40\r\nto stderr\r\n"
@@ -431,7 +405,7 @@ def test_retry_in_a_terminal(tmp_path: Path) -> None:
         tmp_path / "run",
         f"AERO_RETRY_BACKOFF_S=0.01 exec {shlex.join(LAUNCHER)} -q -- {command}\n",
     )
-    code_status, output = run_in_a_terminal([str(tmp_path / "run")])
+    code_status, output = run_in_terminal([str(tmp_path / "run")])
     assert code_status == 0 and runs(tmp_path, "cargo") == 2
     assert output.replace(b"\r\n", b"\n").decode() == (
         f"attempt 1 starting\n{WOULD_BLOCK}\nattempt 2 starting\nbuilt on attempt 2\n"

@@ -21,11 +21,12 @@ from tests.conftest import (
     need_kernel_sandbox,
     pid_alive,
     read_report,
+    run_in_terminal,
     run_launcher,
     sandbox_cgroups,
     wait_until,
 )
-from tests.programs import ALLOCATE, DAEMON, FORK_BOMB, STUBBORN_TREE
+from tests.programs import ALLOCATE, DAEMON, FORK_BOMB, FORWARD, STUBBORN_TREE
 
 PY = sys.executable
 
@@ -145,16 +146,7 @@ def test_launcher_killed_with_sigkill_leaves_nothing(
             launcher.wait(timeout=10)
 
 
-FORWARD = """
-import signal, sys, time
-def handler(signo, frame):
-    print("got", signo, flush=True)
-    sys.exit(40 + signo)
-for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT):
-    signal.signal(s, handler)
-print("ready", flush=True)
-time.sleep(30)
-"""
+
 
 
 @pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT])
@@ -252,35 +244,7 @@ def test_stdout_and_stderr_keep_their_order() -> None:
     assert proc.stdout.split() == [str(i) for i in range(2000)]
 
 
-def run_in_terminal(
-    argv: list[str], typed: bytes = b"", after: bytes = b"ready"
-) -> tuple[int, bytes]:
-    """Run argv as the foreground job of a new pseudo-terminal; type `typed` once `after` shows."""
-    import pty
 
-    pid, fd = pty.fork()
-    if pid == 0:  # pragma: no cover - child
-        os.environ.update(launcher_env())
-        os.execv(argv[0], argv)
-    output = b""
-    deadline = time.monotonic() + 30
-    try:
-        while time.monotonic() < deadline:
-            try:
-                chunk = os.read(fd, 1024)
-            except OSError:
-                break
-            if not chunk:
-                break
-            if typed and after in output + chunk and after not in output:
-                os.write(fd, typed)
-            output += chunk
-    finally:
-        if time.monotonic() >= deadline:
-            os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        os.close(fd)
-    return os.waitstatus_to_exitcode(status), output
 
 
 def test_a_terminal_stays_a_terminal() -> None:

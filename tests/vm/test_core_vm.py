@@ -10,19 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LAUNCHER, pid_alive, read_report, sandbox_cgroups, wait_until
-from tests.programs import ALLOCATE, DAEMON, FORK_BOMB, STUBBORN_TREE
+from tests.programs import ALLOCATE, DAEMON, FORK_BOMB, FORWARD, STUBBORN_TREE
 from tests.vm.conftest import PY, Mode, process_states, units
-
-FORWARD = """
-import signal, sys, time
-def handler(signo, frame):
-    print("got", signo, flush=True)
-    sys.exit(40 + signo)
-for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT):
-    signal.signal(s, handler)
-print("ready", flush=True)
-time.sleep(60)
-"""
 
 
 def test_first_instruction_runs_in_the_sandbox(mode: Mode, tmp_path: Path) -> None:

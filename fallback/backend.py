@@ -195,6 +195,9 @@ class RlimitBackend:
             pids_limit_hits=None if watchdog.tasks_limit is None else watchdog.tasks_limit_hits,
         )
 
+    def collect_stale(self) -> None:
+        pass  # no cgroups: a crashed run leaves only its registry entry, which the launcher sweeps
+
     def remove(self) -> None:
         if self._handoff is not None:
             self._handoff.close()

@@ -3,8 +3,8 @@
 Only type checkers import this module: `typing` costs ~9 ms of start-up, and the launcher's
 start-up time is a feature. A backend object lives for one run:
 
-    prepare -> (fork) child_setup in the child -> started in the parent -> supervise
-    (watch_fds / check / signal_all) -> kill_all -> measure -> remove
+    prepare -> (fork) child_setup in the child -> started in the parent -> collect_stale
+    -> supervise (watch_fds / check / signal_all) -> kill_all -> measure -> remove
 
 `remove` must be safe to call twice and from the guardian process (launcher killed).
 """
@@ -48,8 +48,12 @@ class Backend(Protocol):
     def measure(self) -> Usage:
         """What the sandbox used (after kill_all)."""
 
+    def collect_stale(self) -> None:
+        """Cheaply remove what crashed launchers left beside this sandbox (empty cgroups, scopes);
+        never raises. Runs once the command has started, off its way to exec, and in remove()."""
+
     def remove(self) -> None:
-        """Delete the sandbox (cgroups, unit) and any stale ones crashed launchers left."""
+        """Delete the sandbox (cgroups, unit), then collect_stale()."""
 
     def describe(self) -> dict[str, Any]:
         """Paths and names a harness or a person needs to find the sandbox."""

@@ -29,8 +29,8 @@ CONTROLLERS = ("memory", "pids")
 
 READ_ONLY_REMEDY = (
     "the cgroup filesystem is read-only (an unprivileged container?): run the container with "
-    "--cgroupns=private and a writable /sys/fs/cgroup, or --privileged, or Podman's "
-    "--security-opt unmask=/sys/fs/cgroup; or use --backend rlimit"
+    "--privileged, or on cgroup v2 with --cgroupns=private and a writable /sys/fs/cgroup "
+    "(Podman: --security-opt unmask=/sys/fs/cgroup); or use --backend rlimit"
 )
 PERMISSION_REMEDY = (
     "run as root, or in a cgroup delegated to you "
@@ -208,13 +208,16 @@ class CgroupBackend:
                 del self.dirs[path]
             except OSError as err:
                 failed = failed or err
-        for parent in self._parents:
-            cgroupfs.remove_stale(parent)
+        self.collect_stale()
         if failed is not None:
             raise SandboxError(
                 f"could not remove the cgroup {failed.filename}: {failed.strerror}",
                 "a later run or `aero-sandbox gc` removes it once its processes are gone",
             )
+
+    def collect_stale(self) -> None:
+        for parent in self._parents:
+            cgroupfs.remove_stale(parent)
 
     def describe(self) -> dict[str, Any]:
         cgroups = {}
@@ -288,6 +291,17 @@ def _enable_controllers(own: str, wanted: set[str]) -> str:
 
 
 def _move_processes_to_leaf(own: str) -> None:
+    pids = cgroupfs.read_words(own + "/cgroup.procs")
+    if "0" in pids:
+        # A process of another pid namespace reads as 0 (a launcher under `unshare --pid` in a
+        # cgroup it shares with the host): we cannot name it, so cannot move it out.
+        raise BackendUnavailable(
+            "cgroup",
+            f"{own} holds processes outside this pid namespace, which cannot be moved into a "
+            "leaf, so it cannot give memory and pids to a sandbox",
+            "start the launcher in a cgroup of its own (a container runtime makes one; on a "
+            "host: systemd-run --scope -p Delegate=yes), or use --parent, or --backend rlimit",
+        )
     leaf = os.path.join(own, LEAF)
     try:
         os.mkdir(leaf)
@@ -295,7 +309,7 @@ def _move_processes_to_leaf(own: str) -> None:
         pass
     except OSError as err:
         raise _unavailable(own, err) from err
-    for pid in cgroupfs.read_words(own + "/cgroup.procs"):
+    for pid in pids:
         try:
             cgroupfs.write(leaf + "/cgroup.procs", pid)
         except ProcessLookupError:

@@ -155,7 +155,12 @@ def unregister(entry: Entry | None) -> None:
         os.close(entry.fd)
     except OSError:
         pass
-    sweep(os.path.dirname(entry.path))
+    sweep_beside(entry)
+
+
+def sweep_beside(entry: Entry | None) -> list[str]:
+    """sweep() the directory of this run's entry."""
+    return [] if entry is None else sweep(os.path.dirname(entry.path))
 
 
 def discard(path: str) -> None:

@@ -216,6 +216,9 @@ def run(
                 detail=f"cannot run {argv[0]!r}: {err}",
             )
             return failure
+        # gc's cheap part, now that the command runs (off its way to exec); again at teardown.
+        backend.collect_stale()
+        registry.sweep_beside(entry)
         status, ended_by, killed_after_grace = _supervise(pid, sfd, backend, limits, start, relay)
     finally:
         usage = _tear_down(backend, guardian, status is not None or failure is not None, entry)

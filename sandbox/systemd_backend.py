@@ -374,8 +374,7 @@ class SystemdBackend:
             self._end_holder()
             bus = self._connection()
             bus.stop_unit(self.unit)
-            if not self._in_guardian():
-                bus.stop_stale_scopes()
+            self.collect_stale()
         except SandboxError as err:
             raise SandboxError(
                 f"could not remove {self.unit}: {err.message}",
@@ -391,6 +390,14 @@ class SystemdBackend:
         return {"cgroups": cgroups, "cgroup_mode": "v2", "unit": self.unit, "slice": self.slice}
 
     # -- helpers ------------------------------------------------------------------------------
+    def collect_stale(self) -> None:
+        if self._in_guardian() or self._bus is None:
+            return  # the guardian only cleans up its own launcher's scope
+        try:
+            self._bus.stop_stale_scopes()
+        except SandboxError:
+            pass
+
     def _in_guardian(self) -> bool:
         """The guardian is a fork of the launcher, made before the child existed."""
         return os.getpid() != self._owner

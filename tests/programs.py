@@ -57,3 +57,53 @@ for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT):
 print("ready", flush=True)
 time.sleep(60)
 """
+
+# A command that makes orphans which exit at once (they are reparented to the nearest subreaper
+# or to PID 1 and stay zombies unless it reaps them), then counts the zombies of its parent.
+ORPHANS = """
+import os, sys, time
+for _ in range(5):
+    if os.fork() == 0:
+        if os.fork() == 0:
+            time.sleep(0.05)
+            os._exit(0)
+        os._exit(0)
+    os.wait()
+parent = os.getppid()
+time.sleep(0.3)  # the orphans exit 0.05 s after being reparented
+deadline = time.monotonic() + 5
+while True:
+    zombies = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == parent:
+            zombies.append(pid)
+    if not zombies or time.monotonic() > deadline:
+        break
+    time.sleep(0.05)
+print("parent", parent, "zombies", len(zombies))
+sys.exit(7)
+"""
+
+# Three children that each grow to 300 MB in 25 MB steps, 0.1 s apart; argv[1]: a directory
+# for the markers steps<N> (the last step reached) and finished<N>.
+GROWING_CHILDREN = """
+import os, sys, time
+out = sys.argv[1]
+for n in range(3):
+    if os.fork() == 0:
+        chunks = []
+        for step in range(1, 13):
+            chunk = bytearray(25 << 20)
+            chunk[::4096] = b"x" * len(chunk[::4096])
+            chunks.append(chunk)
+            open(f"{out}/steps{n}", "w").write(str(step))
+            time.sleep(0.1)
+        open(f"{out}/finished{n}", "w").close()
+        os._exit(0)
+for n in range(3):
+    os.wait()
+"""

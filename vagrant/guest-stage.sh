@@ -66,11 +66,15 @@ chown -R aero:aero "$WORK"
 if [ -n "${AERO_VM_PYTEST_ARGS:-}" ]; then
     eval "args=($AERO_VM_PYTEST_ARGS)"   # shell words, so -k 'a and b' works
 else
-    # The launcher core again (tests/host/test_core.py: auto picks systemd here) and the
-    # systemd/pure-v2 tests. Unit tests are pure and run on the host; the other host tests are
-    # about the development host's own situations (hybrid cgroups, unshare, no systemd).
+    # The launcher core again (tests/host/test_core.py: auto picks systemd here), containers
+    # (pid/cgroup namespaces on pure v2, as root), list/gc and doctor with systemd, and the
+    # systemd/pure-v2 tests. Unit tests are pure and run on the host; the fallback and agent
+    # tests are about the development host's own situation (root, hybrid cgroups, no systemd).
     args=(-q -rs)
-    for t in tests/host/test_core.py tests/vm; do if [ -e "$WORK/$t" ]; then args+=("$t"); fi; done
+    for t in tests/host/test_core.py tests/host/test_containers.py tests/host/test_list_gc.py \
+             tests/host/test_doctor.py tests/vm; do
+        if [ -e "$WORK/$t" ]; then args+=("$t"); fi
+    done
 fi
 # The venv first on PATH (as if activated): scripts the tests run call `python3`, `aero-sandbox`.
 test_env=(AERO_VM=1 AERO_REQUIRE_CAPABILITIES=1 VIRTUAL_ENV=/opt/aero-sandbox PATH="/opt/aero-sandbox/bin:$PATH")

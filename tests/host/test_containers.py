@@ -30,6 +30,7 @@ from sandbox.cgroup_backend import READ_ONLY_REMEDY
 from sandbox.selection import systemd_running
 from tests.conftest import LAUNCHER, launcher_env, need, wait_until
 from tests.host.conftest import is_root
+from tests.programs import FORWARD, ORPHANS
 
 PY = sys.executable
 
@@ -37,45 +38,6 @@ pytestmark = pytest.mark.skipif(
     not os.path.exists("/usr/bin/unshare") and not os.path.exists("/bin/unshare"),
     reason="needs unshare (util-linux)",
 )
-
-# A command that makes orphans which exit at once (they are reparented to the nearest subreaper
-# or to PID 1 and stay zombies unless it reaps them), then counts the zombies of its parent.
-ORPHANS = """
-import os, sys, time
-for _ in range(5):
-    if os.fork() == 0:
-        if os.fork() == 0:
-            time.sleep(0.05)
-            os._exit(0)
-        os._exit(0)
-    os.wait()
-parent = os.getppid()
-time.sleep(0.3)  # the orphans exit 0.05 s after being reparented
-deadline = time.monotonic() + 5
-while True:
-    zombies = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] == "Z" and int(fields[1]) == parent:
-            zombies.append(pid)
-    if not zombies or time.monotonic() > deadline:
-        break
-    time.sleep(0.05)
-print("parent", parent, "zombies", len(zombies))
-sys.exit(7)
-"""
-
-TERM_TO_42 = """
-import signal, sys, time
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(42))
-print("ready", flush=True)
-time.sleep(30)
-sys.exit(1)
-"""
-
 
 def unshare_pid(args: list[str]) -> list[str]:
     return ["unshare", "--pid", "--fork", "--mount-proc", *LAUNCHER, *args]
@@ -95,7 +57,9 @@ def root_only() -> None:
 
 
 # -- PID 1 ------------------------------------------------------------------------------------
-# auto is the cgroup backend here; rlimit is what a container with a read-only cgroupfs gets.
+# auto is the cgroup backend on the development host; in the VM stage it is rlimit, as the pid
+# namespace shares its cgroup with the host (see the test below). rlimit is also what a
+# container with a read-only cgroupfs gets.
 BACKENDS = ["auto", "rlimit"]
 
 
@@ -147,19 +111,19 @@ def ns_child(unshare_pid: int) -> int:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pid1_forwards_sigterm_from_outside_like_docker_stop(backend: str) -> None:
-    with started(unshare_pid(["--backend", backend, "--", PY, "-c", TERM_TO_42])) as proc:
+    with started(unshare_pid(["--backend", backend, "--", PY, "-c", FORWARD])) as proc:
         assert read_line(proc) == "ready\n"
         launcher = ns_child(proc.pid)
         os.kill(launcher, signal.SIGTERM)
         proc.wait(timeout=20)
-        assert proc.returncode == 42, proc.stderr and proc.stderr.read()
+        assert proc.returncode == 40 + signal.SIGTERM, proc.stderr and proc.stderr.read()
 
 
 def test_pid1_forwards_sigterm_sent_from_inside_the_namespace() -> None:
     """`kill 1` inside a container: PID 1 has no default actions, yet the signal is forwarded."""
-    code = TERM_TO_42.replace('print("ready", flush=True)', "import os; os.kill(1, 15)")
+    code = FORWARD.replace('print("ready", flush=True)', "import os; os.kill(1, 15)")
     proc = run(unshare_pid(["--", PY, "-c", code]), timeout=30)
-    assert proc.returncode == 42, proc.stderr
+    assert proc.returncode == 40 + signal.SIGTERM, proc.stderr
 
 
 def test_pid1_child_killed_by_a_signal_gives_128_plus_n() -> None:
@@ -254,6 +218,8 @@ def remove_cgroup_tree(path: str) -> None:
         while True:
             try:
                 os.rmdir(top)
+                break
+            except FileNotFoundError:  # systemd removed a scope's tree itself
                 break
             except OSError as err:
                 if err.errno != errno.EBUSY or time.monotonic() > deadline:
@@ -386,6 +352,13 @@ def test_container_limit_below_mem_is_said_once_and_reported(tmp_path: Path) -> 
         assert data["effective_memory_bytes"] == 256 << 20
         assert data["enclosing_memory"]["bytes"] == 256 << 20
         assert data["limits"]["memory_bytes"] == 1 << 30
+
+
+def test_container_limit_warning_is_silenced_by_q() -> None:
+    with container_cgroups() as made:  # a fresh container: a runtime never reuses a cgroup
+        need(has_memory(made), "no memory controller for a cgroup below ours")
+        hierarchy, container = memory_of(made)
+        cgroupfs.write(f"{container}/{limit_file(hierarchy)}", str(256 << 20))
         quiet = run(in_container(made, launcher("-q", "--mem", "1G", "--", "true")))
         assert quiet.returncode == 0 and quiet.stderr == ""
 
@@ -495,3 +468,48 @@ def test_parent_that_does_not_exist_is_an_error_naming_it() -> None:
     assert proc.returncode == 125
     assert "no such cgroup" in proc.stderr and "mkdir" in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_pid_namespace_sharing_its_cgroup_with_the_host(
+    tmp_path: Path, pids_to_kill: list[int]
+) -> None:
+    """`unshare --pid` in a cgroup that also holds a process of the host: on cgroup v2 that
+    process reads as pid 0 and cannot be moved into a leaf, so the cgroup backend says so (125)
+    and auto falls back. With v1 controllers (the development host) no leaf is needed: it runs."""
+    name = f"aero-test-shared-{os.getpid()}-{os.urandom(2).hex()}"
+    with delegated() as bases:
+        shared = [os.path.join(base, name) for _h, base in bases]
+        outsider = subprocess.Popen(["sleep", "60"])
+        pids_to_kill.append(outsider.pid)
+        try:
+            for path in shared:
+                os.mkdir(path)
+                cgroupfs.write(f"{path}/cgroup.procs", str(outsider.pid))
+            join = " && ".join(f"echo $$ > {path}/cgroup.procs" for path in shared)
+
+            def in_shared(*args: str) -> subprocess.CompletedProcess[str]:
+                inner = " ".join(shlex.quote(a) for a in unshare_pid(list(args)))
+                return run(["sh", "-c", f"{join} && exec {inner}"])
+
+            v2_memory = any(
+                h.version == 2 and "memory" in cgroupfs.read_words(p + "/cgroup.controllers")
+                for (h, _base), p in zip(bases, shared, strict=True)
+            )
+            forced = in_shared("--backend", "cgroup", "--", "true")
+            if not v2_memory:
+                assert forced.returncode == 0, forced.stderr
+                return
+            assert forced.returncode == 125, forced.stderr
+            assert "outside this pid namespace" in forced.stderr and "--parent" in forced.stderr
+            assert forced.stderr.count("\n") == 1, forced.stderr
+            report = tmp_path / "r.json"
+            auto = in_shared("--report", str(report), "--", "true")
+            assert auto.returncode == 0, auto.stderr
+            assert json.loads(report.read_text())["backend"] == "rlimit"
+            assert "outside this pid namespace" in auto.stderr
+        finally:
+            outsider.kill()
+            outsider.wait(timeout=10)
+            for path in shared:
+                if os.path.isdir(path):
+                    remove_cgroup_tree(path)

@@ -27,6 +27,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.host.conftest import is_root
+from tests.programs import GROWING_CHILDREN
 
 PY = sys.executable
 G, M = 1 << 30, 1 << 20
@@ -106,25 +107,6 @@ def test_without_the_backstop_the_watchdog_kills(tmp_path: Path) -> None:
     data = read_report(report)
     assert data["reason"] == "oom" and data["oom_kills"] == 1
     assert data["sandbox"]["rlimits"] == {} and data["limits"]["address_space_bytes"] is None
-
-
-GROWING_CHILDREN = """
-import os, sys, time
-out = sys.argv[1]
-for n in range(3):
-    if os.fork() == 0:
-        chunks = []
-        for step in range(1, 13):
-            chunk = bytearray(25 << 20)
-            chunk[::4096] = b"x" * len(chunk[::4096])
-            chunks.append(chunk)
-            open(f"{out}/steps{n}", "w").write(str(step))
-            time.sleep(0.1)
-        open(f"{out}/finished{n}", "w").close()
-        os._exit(0)
-for n in range(3):
-    os.wait()
-"""
 
 
 def test_three_growing_children_are_killed_for_memory(tmp_path: Path) -> None:

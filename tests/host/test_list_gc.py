@@ -248,3 +248,34 @@ def test_list_with_nothing_running_of_ours_is_valid_json() -> None:
     empty = run_launcher(["list"], timeout=30)
     assert empty.returncode == 0
     assert empty.stdout == "" or empty.stdout.startswith("PID ")
+
+
+def test_a_starting_launcher_removes_leftovers_beside_its_sandbox() -> None:
+    """gc's cheap part runs as soon as the command runs, not only when a launcher ends."""
+    if os.geteuid() != 0:  # a property of this test run, not a capability the host lacks
+        pytest.skip("root only: fabricates cgroups next to the launcher's")
+    with sandbox("--backend", "cgroup", "--", "sleep", "30") as first:
+        assert wait_until(lambda: row_of(first.pid) is not None, timeout=30), first.stderr
+        row = row_of(first.pid)
+        assert row is not None
+        parents = {os.path.dirname(path) for path in row["cgroups"].values()}
+        dead = dead_pid()
+        stale = [os.path.join(p, f"{cgroupfs.PREFIX}{dead}-{os.urandom(3).hex()}") for p in parents]
+        for path in stale:
+            os.mkdir(path)
+        entry = os.path.join(registry.own_directory(), f"{dead}-{os.urandom(3).hex()}")
+        Path(entry).write_text(f"{registry.MAGIC}\npid {dead}\nstarted 1\nbackend cgroup\n")
+        try:
+            with sandbox("--backend", "cgroup", "--", "sleep", "30") as second:
+                # While both still run (no teardown yet), the second one's start removed them.
+                assert wait_until(lambda: row_of(second.pid) is not None, timeout=30)
+                assert wait_until(
+                    lambda: not any(map(os.path.exists, [*stale, entry])), timeout=10
+                ), [p for p in [*stale, entry] if os.path.exists(p)]
+                assert first.poll() is None and second.poll() is None
+        finally:
+            for path in stale:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry)

@@ -105,6 +105,16 @@ def test_enable_controllers_moves_processes_into_a_leaf_first(tmp_path: Path) ->
     assert (own / "cgroup.subtree_control").read_text() == "+memory +pids"
 
 
+def test_processes_of_another_pid_namespace_make_the_backend_unavailable(tmp_path: Path) -> None:
+    """Under `unshare --pid` in a cgroup shared with the host, outsiders read as pid 0: we
+    cannot move them, so auto must move on (to rlimit) instead of retrying in vain."""
+    own = fake_v2(tmp_path / "own", procs="1\n0\n0\n")
+    with pytest.raises(BackendUnavailable, match="outside this pid namespace"):
+        _enable_controllers(str(own), {"memory", "pids"})
+    assert not (own / LEAF).exists()
+    assert (own / "cgroup.subtree_control").read_text() == ""
+
+
 def test_a_launcher_already_in_the_leaf_uses_the_leafs_parent(tmp_path: Path) -> None:
     """The second launcher in a delegated cgroup runs in aero-leaf: no leaf of the leaf."""
     own = fake_v2(tmp_path / "own", subtree="memory pids\n")

@@ -299,8 +299,8 @@ def _move_processes_to_leaf(own: str) -> None:
             "cgroup",
             f"{own} holds processes outside this pid namespace, which cannot be moved into a "
             "leaf, so it cannot give memory and pids to a sandbox",
-            "start the launcher in a cgroup of its own (a container runtime makes one; on a "
-            "host: systemd-run --scope -p Delegate=yes), or use --parent, or --backend rlimit",
+            "start it in a cgroup that holds no process of another pid namespace (a container "
+            "runtime makes one per container), or use --parent, or --backend rlimit",
         )
     leaf = os.path.join(own, LEAF)
     try:

@@ -158,9 +158,10 @@ def unregister(entry: Entry | None) -> None:
     sweep_beside(entry)
 
 
-def sweep_beside(entry: Entry | None) -> list[str]:
+def sweep_beside(entry: Entry | None) -> None:
     """sweep() the directory of this run's entry."""
-    return [] if entry is None else sweep(os.path.dirname(entry.path))
+    if entry is not None:
+        sweep(os.path.dirname(entry.path))
 
 
 def discard(path: str) -> None:

@@ -383,13 +383,6 @@ class SystemdBackend:
         finally:
             self._close_bus()
 
-    def describe(self) -> dict[str, Any]:
-        cgroups = (
-            {} if self.scope is None else dict.fromkeys(("memory", "pids", "unified"), self.scope)
-        )
-        return {"cgroups": cgroups, "cgroup_mode": "v2", "unit": self.unit, "slice": self.slice}
-
-    # -- helpers ------------------------------------------------------------------------------
     def collect_stale(self) -> None:
         if self._in_guardian() or self._bus is None:
             return  # the guardian only cleans up its own launcher's scope
@@ -398,6 +391,13 @@ class SystemdBackend:
         except SandboxError:
             pass
 
+    def describe(self) -> dict[str, Any]:
+        cgroups = (
+            {} if self.scope is None else dict.fromkeys(("memory", "pids", "unified"), self.scope)
+        )
+        return {"cgroups": cgroups, "cgroup_mode": "v2", "unit": self.unit, "slice": self.slice}
+
+    # -- helpers ------------------------------------------------------------------------------
     def _in_guardian(self) -> bool:
         """The guardian is a fork of the launcher, made before the child existed."""
         return os.getpid() != self._owner

@@ -35,6 +35,7 @@ cp "$here/aero-vm-stage.service" "$overlay/etc/systemd/system/"
 packages=systemd,systemd-sysv,dbus,dbus-user-session,libpam-systemd,udev,systemd-container
 packages+=,python3,python3-venv,python3-pip,procps,iproute2,kmod,util-linux,nodejs
 packages+=,linux-image-amd64,initramfs-tools
+packages+=,podman,catatonit   # tests/container: the Dockerfile and pod examples, as root
 
 rm -rf "$root"
 mmdebstrap --mode=root --variant=minbase --quiet \

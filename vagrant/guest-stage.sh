@@ -1,6 +1,7 @@
 #!/bin/bash
 # Runs inside the qemu stage's VM as root, started by aero-vm-stage.service with:
-#   /mnt/host     (ro) this script, provision.sh, stage.env, wheelhouse/
+#   /mnt/host     (ro) this script, provision.sh, stage.env, wheelhouse/, container-base.tar
+#                 and .name (the base image of tests/container, saved by scripts/container-stage)
 #   /mnt/src      (ro) the project tree (copied to /home/aero/project, where the tests run)
 #   /mnt/results  (rw) output.log (this script's output, streamed by the host), timings,
 #                 test-root.log / test-aero.log, root.rc / aero.rc, journal.log
@@ -67,18 +68,26 @@ if [ -n "${AERO_VM_PYTEST_ARGS:-}" ]; then
     eval "args=($AERO_VM_PYTEST_ARGS)"   # shell words, so -k 'a and b' works
 else
     # The launcher core again (tests/host/test_core.py: auto picks systemd here), containers
-    # (pid/cgroup namespaces on pure v2, as root), list/gc and doctor with systemd, and the
-    # systemd/pure-v2 tests. Unit tests are pure and run on the host; the fallback and agent
-    # tests are about the development host's own situation (root, hybrid cgroups, no systemd).
+    # (pid/cgroup namespaces, and real Podman containers, on pure v2, as root), list/gc and
+    # doctor with systemd, and the systemd/pure-v2 tests. Unit tests are pure and run on the
+    # host; the fallback and agent tests are about the development host's own situation (root,
+    # hybrid cgroups, no systemd).
     args=(-q -rs)
     for t in tests/host/test_core.py tests/host/test_containers.py tests/host/test_list_gc.py \
-             tests/host/test_doctor.py tests/vm; do
+             tests/host/test_doctor.py tests/container tests/vm; do
         if [ -e "$WORK/$t" ]; then args+=("$t"); fi
     done
 fi
 # The venv first on PATH (as if activated): scripts the tests run call `python3`, `aero-sandbox`.
 test_env=(AERO_VM=1 AERO_REQUIRE_CAPABILITIES=1 VIRTUAL_ENV=/opt/aero-sandbox PATH="/opt/aero-sandbox/bin:$PATH")
 pytest_cmd=(timeout -k 10 "$AERO_VM_RUN_TIMEOUT" "$PY" -m pytest -p no:cacheprovider "${args[@]}")
+
+if [ -f "$HOST/container-base.tar" ]; then
+    begin "loading the container tests' base image"
+    podman load -q -i "$HOST/container-base.tar" >/dev/null
+    test_env+=(AERO_CONTAINER_BASE="$(cat "$HOST/container-base.name")")
+    end container_base
+fi
 
 # run NAME CMD...: output to test-NAME.log and the stream, exit code to NAME.rc.
 # A file + tail --pid, not a pipe to tee: a process the tests leave holding stdout cannot stall us.

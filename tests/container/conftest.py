@@ -42,7 +42,8 @@ def ok(*args: str, timeout: float = 120) -> str:
 @pytest.fixture(scope="session")
 def image() -> Iterator[str]:
     """The example Dockerfile built from this checkout, removed after the session."""
-    need(os.geteuid() == 0, "podman with cgroups here needs root")
+    if os.geteuid() != 0:  # a property of this test run (the VM's user run), not of the host
+        pytest.skip("root only: rootful podman")
     need(shutil.which("podman") is not None, "podman is not installed: run scripts/container-stage")
     need(BASE != "", "AERO_CONTAINER_BASE is not set: run scripts/container-stage")
     tag = f"localhost/aero-sandbox-example:test-{os.getpid()}"

@@ -9,6 +9,7 @@ mounted directory.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 from pathlib import Path
@@ -87,6 +88,20 @@ def test_the_fallback_stops_a_tree_over_mem_before_the_containers_oom_killer(
     assert "killed for memory: the command reached its 400.0 MiB limit" in proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["backend"] == "rlimit" and report["reason"] == "oom"
+
+
+def test_the_podman_remedy_named_gives_kernel_limits_on_cgroup_v2(image: str) -> None:
+    """`--security-opt unmask=/sys/fs/cgroup`, named by the fallback's line, makes the cgroupfs
+    writable on cgroup v2 (the VM stage): the cgroup backend then nests in the container's own
+    cgroup. Podman keeps it read-only on v1 (the development host): still the fallback there."""
+    flags = ("--security-opt", "unmask=/sys/fs/cgroup", "--memory", "512m")
+    proc = run(image, "cat", "/proc/self/cgroup", flags=flags)
+    assert proc.returncode == 0, proc.stderr
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):  # pure v2
+        assert NOTICE not in proc.stderr, proc.stderr
+        assert re.fullmatch(r"/aero-sandbox-1-[0-9a-f]+", sandbox_path(proc.stdout)), proc.stdout
+    else:
+        assert NOTICE in proc.stderr and "Read-only file system" in proc.stderr
 
 
 def privileged_flags(cgroupns: str) -> tuple[str, ...]:

@@ -57,9 +57,9 @@ def root_only() -> None:
 
 
 # -- PID 1 ------------------------------------------------------------------------------------
-# auto is the cgroup backend on the development host; in the VM stage it is rlimit, as the pid
-# namespace shares its cgroup with the host (see the test below). rlimit is also what a
-# container with a read-only cgroupfs gets.
+# auto is the cgroup backend on the development host; in the VM stage it may be rlimit, when the
+# pid namespace shares a v2 cgroup with the host (test_pid_namespace_sharing_its_cgroup_...).
+# rlimit is also what a container with a read-only cgroupfs gets.
 BACKENDS = ["auto", "rlimit"]
 
 

@@ -100,7 +100,9 @@ for n in range(3):
             chunk = bytearray(25 << 20)
             chunk[::4096] = b"x" * len(chunk[::4096])
             chunks.append(chunk)
-            open(f"{out}/steps{n}", "w").write(str(step))
+            # Published by rename: a kill between open() and write() would leave an empty file.
+            open(f"{out}/.steps{n}", "w").write(str(step))
+            os.rename(f"{out}/.steps{n}", f"{out}/steps{n}")
             time.sleep(0.1)
         open(f"{out}/finished{n}", "w").close()
         os._exit(0)

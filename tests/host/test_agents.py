@@ -322,7 +322,8 @@ def test_timeout_fires_while_nobody_reads_the_output(
     timeout (the command is killed on time; the launcher then waits for the reader, like tee)."""
     pidfile = tmp_path / "pid"
     code = (
-        f"import os, sys\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+        f"import os, sys\nopen({str(pidfile)!r} + '.tmp', 'w').write(str(os.getpid()))\n"
+        f"os.rename({str(pidfile)!r} + '.tmp', {str(pidfile)!r})\n"
         "while True:\n    sys.stdout.write('x' * 65536)\n"
     )
     launcher = subprocess.Popen(

@@ -46,16 +46,19 @@ if os.fork() == 0:
 time.sleep(0.5)
 """
 
-# Exits 40 + N on signal N; prints "ready" once its handlers are in place.
+# Exits 40 + N on signal N; prints "ready" once it is ready for them. It blocks them and waits
+# with sigtimedwait: a Python handler runs between bytecodes, so a signal landing just before a
+# time.sleep() began would wait for the sleep to end (a lost forward, as a test sees it).
 FORWARD = """
-import signal, sys, time
-def handler(signo, frame):
-    print("got", signo, flush=True)
-    sys.exit(40 + signo)
-for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT):
-    signal.signal(s, handler)
+import signal, sys
+wanted = {signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT}
+signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
 print("ready", flush=True)
-time.sleep(60)
+info = signal.sigtimedwait(wanted, 60)
+if info is None:
+    sys.exit(1)
+print("got", info.si_signo, flush=True)
+sys.exit(40 + info.si_signo)
 """
 
 # A command that makes orphans which exit at once (they are reparented to the nearest subreaper

@@ -287,7 +287,7 @@ def collect(dry_run: bool = False, parents: list[str] | None = None) -> Collecti
             pid = cgroupfs.launcher_pid(name)
             path = os.path.join(parent, name)
             seen = path in claimed or path in done.cgroups or path in done.busy
-            if pid is None or seen or _pid_exists(pid):
+            if pid is None or seen or cgroupfs.pid_exists(pid):
                 continue
             _remove_cgroup(path, done, dry_run)
     return done
@@ -347,7 +347,3 @@ def _remove_cgroup(path: str, done: Collection, dry_run: bool) -> bool:
             return False
     done.cgroups.append(path)
     return True
-
-
-def _pid_exists(pid: int) -> bool:
-    return pid == os.getpid() or cgroupfs.pid_exists(pid)

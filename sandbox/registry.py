@@ -224,8 +224,6 @@ def sweep(directory: str) -> list[str]:
     return removed
 
 
-
-
 def directories() -> list[str]:
     """Every registry directory this user may read: root sees all users' directories."""
     found = [own_directory()]

@@ -29,7 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sandbox import cgroupfs, registry  # noqa: E402
+from sandbox.cgroups import cgroupfs  # noqa: E402
+from sandbox.core import identity  # noqa: E402
+from sandbox.registry import store as registry  # noqa: E402
 
 
 def launcher() -> list[str]:
@@ -92,7 +94,7 @@ def leftovers(pids: set[int], others: set[int]) -> dict[str, list[str]]:
     cgroups = []
     for top, dirs, _files in os.walk("/sys/fs/cgroup"):
         for name in list(dirs):
-            if cgroupfs.launcher_pid(name) in pids:
+            if identity.launcher_pid(name) in pids:
                 cgroups.append(os.path.join(top, name))
                 dirs.remove(name)
     entries = [
@@ -117,7 +119,7 @@ class _FakeBackend:
 def registry_cost(rounds: int = 500) -> dict[str, float]:
     """Microseconds a launcher spends on its registry entry: register + note_guardian, and
     unregister (which sweeps the directory: with the live sandboxes' entries present)."""
-    from sandbox.limits import Limits
+    from sandbox.core.limits import Limits
 
     backend, limits = _FakeBackend(), Limits(1 << 30, 4096, 600.0)
     write, remove = [], []

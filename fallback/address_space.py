@@ -19,9 +19,9 @@ Measurements behind these choices: docs/fallback.md.
 
 from __future__ import annotations
 
-from sandbox.frozen import Frozen
-from sandbox.options import AS_UNLIMITED
-from sandbox.retry import program
+from sandbox.core.commandline import program
+from sandbox.core.frozen import Frozen
+from sandbox.core.limits import AS_UNLIMITED
 
 NODE_CAP = 256 << 30
 RUST_CAP = 32 << 30

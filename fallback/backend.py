@@ -25,10 +25,10 @@ from fallback import proctree
 from fallback.address_space import backstop
 from fallback.handoff import Handoff
 from fallback.watchdog import INTERVAL_S, Watchdog
-from sandbox import cgroupfs
-from sandbox.errors import BackendUnavailable, SandboxError
-from sandbox.limits import Limits
-from sandbox.result import Reason, Usage
+from sandbox.core import identity
+from sandbox.core.errors import BackendUnavailable, SandboxError
+from sandbox.core.limits import Limits
+from sandbox.core.result import Reason, Usage
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class RlimitBackend:
                 "rlimit", "/proc is not mounted", "mount it: mount -t proc proc /proc"
             )
         self._launcher = os.getpid()
-        self._id = cgroupfs.sandbox_name()
+        self._id = identity.sandbox_name()
         chosen = backstop(argv, limits.memory_bytes, limits.address_space_bytes)
         self._why = chosen.why
         wanted = {"RLIMIT_AS": chosen.address_space, "RLIMIT_DATA": chosen.data}

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
-from sandbox.errors import SandboxError
-from sandbox.result import EXIT_ERROR
+from sandbox.core.errors import SandboxError
+from sandbox.core.result import EXIT_ERROR
 
 SUBCOMMANDS = ("doctor", "env", "list", "gc")
 HELP_FLAGS = ("-h", "--help", "--version")

@@ -6,7 +6,7 @@ import click
 
 from sandbox import __version__
 from sandbox.options import OPTIONS
-from sandbox.presets import SHELLS
+from sandbox.run.presets import SHELLS
 
 
 def _run_help() -> str:
@@ -54,7 +54,7 @@ def list_command(as_json: bool) -> None:
     PID is the launcher's; LIMIT is the effective memory limit (the sandbox's own, or a
     smaller one set on a cgroup above it). Root sees every user's sandboxes.
     """
-    from sandbox import inventory
+    from sandbox.registry import inventory
 
     rows = inventory.live_sandboxes()
     if as_json:
@@ -80,7 +80,7 @@ def gc_command(dry_run: bool, parents: tuple[str, ...]) -> None:
     A live sandbox is never touched. A sandbox whose launcher is gone but whose processes
     still run is left alone and reported.
     """
-    from sandbox import inventory
+    from sandbox.registry import inventory
 
     dirs = [path for parent in parents for path in inventory.parent_dirs(parent)]
     done = inventory.collect(dry_run=dry_run, parents=dirs)
@@ -113,7 +113,7 @@ def env_command(shell: str, as_json: bool, jobs: int | None) -> None:
     """
     import os
 
-    from sandbox import presets
+    from sandbox.run import presets
 
     env = presets.agent_environment(os.environ, jobs=jobs)
     if as_json:

@@ -17,18 +17,19 @@ import resource
 import socket
 import subprocess
 
-from sandbox import cgroupfs, selection
-from sandbox.enclosing import enclosing_memory_limit
-from sandbox.errors import SandboxError
-from sandbox.frozen import Frozen
-from sandbox.limits import Limits, format_size
+from sandbox.backends import selection
+from sandbox.cgroups import cgroupfs
+from sandbox.cgroups.enclosing import enclosing_memory_limit
+from sandbox.core.errors import SandboxError
+from sandbox.core.frozen import Frozen
+from sandbox.core.limits import Limits, format_size
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
-    from sandbox.cgroupfs import Hierarchy
+    from sandbox.cgroups.cgroupfs import Hierarchy
 
 EXIT_OK = 0
 EXIT_NO_MEMORY_SANDBOX = 1

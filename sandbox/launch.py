@@ -6,11 +6,10 @@ import os
 import sys
 import time
 
-from sandbox import selection, supervisor
-from sandbox.errors import BackendUnavailable, SandboxError
-from sandbox.limits import Limits, format_duration, format_size
-from sandbox.options import RunRequest
-from sandbox.result import (
+from sandbox.backends import selection
+from sandbox.core.errors import BackendUnavailable, SandboxError
+from sandbox.core.limits import Limits, format_duration, format_size
+from sandbox.core.result import (
     EXIT_ERROR,
     EXIT_MISSING_OUTPUT,
     Reason,
@@ -21,13 +20,15 @@ from sandbox.result import (
     signal_name,
     write_report,
 )
+from sandbox.options import RunRequest
+from sandbox.run import supervisor
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from sandbox.backend import Backend
-    from sandbox.relay import Relay
+    from sandbox.backends.protocol import Backend
+    from sandbox.run.relay import Relay
 
 
 def say(request: RunRequest, text: str, level: int = 0) -> None:
@@ -42,7 +43,7 @@ def execute(request: RunRequest) -> int:
     # signals unblocked would take them, and the signalfd would never see them.
     supervisor.block_signals()
     if request.preset is not None:
-        from sandbox import presets
+        from sandbox.run import presets
 
         preset = presets.agent_environment(os.environ)
         presets.apply(preset, os.environ)  # the child inherits os.environ through exec
@@ -167,8 +168,8 @@ def _with_retries(request: RunRequest, start: float) -> tuple[_Attempt, list[str
     Each attempt is a fresh sandbox. --timeout bounds the whole run: an attempt gets what is
     left of it, and no retry starts that its back-off would push past the deadline.
     """
-    from sandbox import retry
-    from sandbox.relay import Relay
+    from sandbox.run import retry
+    from sandbox.run.relay import Relay
 
     base = retry.backoff_base(os.environ)
     deadline = start + request.limits.timeout_s if request.limits.timeout_s else None
@@ -240,7 +241,7 @@ def _missing_outputs(paths: list[str]) -> list[str]:
 
 def _enclosing_limit(request: RunRequest, sandbox: dict[str, Any]) -> tuple[int | None, str | None]:
     """The memory limit of a cgroup around the sandbox; say (once a run) if it is below --mem."""
-    from sandbox.enclosing import for_sandbox
+    from sandbox.cgroups.enclosing import for_sandbox
 
     found, where = for_sandbox(sandbox)
     wanted = request.limits.memory_bytes

@@ -8,10 +8,11 @@ Command-line values win over environment values.
 
 from __future__ import annotations
 
-from sandbox import retry
-from sandbox.errors import UsageError
-from sandbox.frozen import Frozen
-from sandbox.limits import (
+from sandbox.backends.selection import CHOICES
+from sandbox.core.errors import UsageError
+from sandbox.core.frozen import Frozen
+from sandbox.core.limits import (
+    AS_UNLIMITED,
     DEFAULT_KILL_AFTER_S,
     DEFAULT_MEMORY,
     DEFAULT_PIDS,
@@ -21,15 +22,11 @@ from sandbox.limits import (
     parse_pids,
     parse_size,
 )
-from sandbox.selection import CHOICES
+from sandbox.run import retry
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
-
-# Limits.address_space_bytes for `--as unlimited`: no cap at all. None means --as was not given,
-# and the rlimit backend chooses one per command (fallback/address_space.py).
-AS_UNLIMITED = -1
 
 
 class Option(Frozen):
@@ -257,7 +254,7 @@ def build_request(
     verbosity = -1 if "quiet" in flags else 1 if "verbose" in flags else 0
     preset = values.get("preset")
     if preset is not None:
-        from sandbox.presets import NAMES
+        from sandbox.run.presets import NAMES
 
         if preset not in NAMES:
             raise UsageError(f"invalid --preset value {preset!r}: expected {', '.join(NAMES)}")

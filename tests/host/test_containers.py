@@ -25,9 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import cgroupfs
-from sandbox.cgroup_backend import READ_ONLY_REMEDY
-from sandbox.selection import systemd_running
+from sandbox.backends.cgroup import READ_ONLY_REMEDY
+from sandbox.backends.selection import systemd_running
+from sandbox.cgroups import cgroupfs
+from sandbox.core import identity
 from tests.conftest import LAUNCHER, launcher_env, need, wait_until
 from tests.host.conftest import is_root
 from tests.programs import FORWARD, ORPHANS
@@ -322,7 +323,7 @@ def test_private_cgroupns_nests_in_the_containers_own_cgroup(tmp_path: Path) -> 
         )
         with started(argv) as proc:
             # Seen from the host, the sandbox is a child of the container's cgroup.
-            pattern = f"{container}/{cgroupfs.PREFIX}*"
+            pattern = f"{container}/{identity.PREFIX}*"
             assert wait_until(lambda: glob.glob(pattern), timeout=20), proc.stderr
             (sandbox,) = glob.glob(pattern)
             assert cgroupfs.read_int(f"{sandbox}/{limit_file(hierarchy)}") == 64 << 20
@@ -330,7 +331,7 @@ def test_private_cgroupns_nests_in_the_containers_own_cgroup(tmp_path: Path) -> 
         assert proc.returncode == 0, err
         # Seen from inside, it sits at the root of the namespace: `/aero-sandbox-1-...`.
         lines = [line.split(":", 2)[2] for line in out.splitlines() if line.count(":") >= 2]
-        assert any(p.startswith(f"/{cgroupfs.PREFIX}1-") for p in lines), out
+        assert any(p.startswith(f"/{identity.PREFIX}1-") for p in lines), out
         data = json.loads(report.read_text())
         assert data["backend"] == "cgroup"
         assert data["launcher_pid"] == 1
@@ -454,7 +455,7 @@ def test_parent_puts_the_sandbox_under_the_given_cgroup(tmp_path: Path, form: st
         assert proc.returncode == 0, proc.stderr
         paths = [line.split(":", 2)[2] for line in proc.stdout.splitlines() if ":" in line]
         # Every hierarchy we use puts it below agents/ (in the namespace's view).
-        assert sum(p.startswith(f"/agents/{cgroupfs.PREFIX}") for p in paths) == len(made)
+        assert sum(p.startswith(f"/agents/{identity.PREFIX}") for p in paths) == len(made)
         data = json.loads(report.read_text())
         for path in data["sandbox"]["cgroups"].values():
             assert os.path.dirname(path).endswith("/agents")

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import cgroupfs, doctor, selection
-from sandbox.errors import SandboxError
+from sandbox import doctor
+from sandbox.backends import selection
+from sandbox.cgroups import cgroupfs
+from sandbox.core.errors import SandboxError
 from tests.conftest import launcher_env, need, run_launcher
 
 

@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 
-from sandbox import cgroupfs, registry
+from sandbox.cgroups import cgroupfs
+from sandbox.core import identity
+from sandbox.registry import store as registry
 from tests.conftest import (
     LAUNCHER,
     launcher_env,
@@ -145,7 +147,7 @@ def private_parent() -> Iterator[str]:
 def fabricate_leftover(pid: int, cgroup_parent: str) -> tuple[str, str]:
     """What a launcher killed together with its guardian leaves: a cgroup and a registry file."""
     ident = os.urandom(3).hex()
-    cgroup = os.path.join(cgroup_parent, f"{cgroupfs.PREFIX}{pid}-{ident}")
+    cgroup = os.path.join(cgroup_parent, f"{identity.PREFIX}{pid}-{ident}")
     os.mkdir(cgroup)
     directory = registry.own_directory()
     os.makedirs(directory, exist_ok=True)
@@ -169,7 +171,7 @@ def test_gc_removes_a_crashed_launchers_leftovers_and_leaves_a_live_one(
     cgroup, entry = fabricate_leftover(dead_pid(), private_parent)
     # A cgroup with no registry entry at all (an older launcher, a registry on another /run):
     # found by its name's dead launcher pid, below the parent gc is told to look in.
-    bare = os.path.join(private_parent, f"{cgroupfs.PREFIX}{dead_pid()}-{os.urandom(3).hex()}")
+    bare = os.path.join(private_parent, f"{identity.PREFIX}{dead_pid()}-{os.urandom(3).hex()}")
     os.mkdir(bare)
     try:
         with sandbox("--mem", "128M", "--", "sleep", "30") as proc:
@@ -260,7 +262,7 @@ def test_a_starting_launcher_removes_leftovers_beside_its_sandbox() -> None:
         assert row is not None
         parents = {os.path.dirname(path) for path in row["cgroups"].values()}
         dead = dead_pid()
-        stale = [os.path.join(p, f"{cgroupfs.PREFIX}{dead}-{os.urandom(3).hex()}") for p in parents]
+        stale = [os.path.join(p, f"{identity.PREFIX}{dead}-{os.urandom(3).hex()}") for p in parents]
         for path in stale:
             os.mkdir(path)
         entry = os.path.join(registry.own_directory(), f"{dead}-{os.urandom(3).hex()}")

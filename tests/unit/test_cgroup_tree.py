@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import cgroupfs
-from sandbox.cgroup_backend import LEAF, CgroupBackend, _enable_controllers
-from sandbox.cgroupfs import Hierarchy, discover
-from sandbox.errors import BackendUnavailable
-from sandbox.limits import Limits
+from sandbox.backends.cgroup import LEAF, CgroupBackend, _enable_controllers
+from sandbox.cgroups import cgroupfs
+from sandbox.cgroups.cgroupfs import Hierarchy, discover
+from sandbox.core import identity
+from sandbox.core.errors import BackendUnavailable
+from sandbox.core.limits import Limits
 
 HYBRID_MOUNTINFO = """\
 30 25 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw
@@ -173,9 +174,9 @@ def test_limit_that_does_not_take_is_an_error(
 
 
 def test_stale_sandbox_names() -> None:
-    assert cgroupfs.launcher_pid("aero-sandbox-123-abcdef") == 123
-    assert cgroupfs.launcher_pid("aero-leaf") is None
-    assert cgroupfs.launcher_pid("aero-sandbox-x-1") is None
+    assert identity.launcher_pid("aero-sandbox-123-abcdef") == 123
+    assert identity.launcher_pid("aero-leaf") is None
+    assert identity.launcher_pid("aero-sandbox-x-1") is None
 
 
 def test_nesting_is_detected_from_our_own_cgroup() -> None:

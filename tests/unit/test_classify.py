@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import signal
 
-from sandbox.limits import Limits
-from sandbox.result import Reason, RunResult, Usage, classify, message
+from sandbox.core.limits import Limits
+from sandbox.core.result import Reason, RunResult, Usage, classify, message
 
 LIMITS = Limits(1 << 30, 100, 5.0)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from fallback.address_space import NODE_CAP, RUST_CAP, backstop
-from sandbox.errors import UsageError
-from sandbox.options import AS_UNLIMITED, parse_run
+from sandbox.core.errors import UsageError
+from sandbox.core.limits import AS_UNLIMITED
+from sandbox.options import parse_run
 
 G = 1 << 30
 

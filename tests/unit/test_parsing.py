@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox.errors import UsageError
-from sandbox.limits import parse_duration, parse_grace, parse_pids, parse_size, physical_memory
+from sandbox.core.errors import UsageError
+from sandbox.core.limits import parse_duration, parse_grace, parse_pids, parse_size, physical_memory
 from sandbox.options import parse_run
 
 G = 1 << 30

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import presets
-from sandbox.errors import UsageError
+from sandbox.core.errors import UsageError
+from sandbox.run import presets
 
 HOST = ("x86_64-unknown-linux-gnu", "test")
 NATIVE = "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS"

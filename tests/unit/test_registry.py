@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import inventory, registry
-from sandbox.cgroup_backend import at_parent
-from sandbox.cgroupfs import Hierarchy
-from sandbox.enclosing import enclosing_memory_limit, for_sandbox
-from sandbox.errors import SandboxError, UsageError
-from sandbox.limits import Limits
+from sandbox.backends.cgroup import at_parent
+from sandbox.cgroups.cgroupfs import Hierarchy
+from sandbox.cgroups.enclosing import enclosing_memory_limit, for_sandbox
+from sandbox.core.errors import SandboxError, UsageError
+from sandbox.core.limits import Limits
 from sandbox.options import parse_run
+from sandbox.registry import inventory
+from sandbox.registry import store as registry
 
 
 class FakeBackend:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox import retry
-from sandbox.errors import UsageError
-from sandbox.result import Reason
+from sandbox.core.commandline import program
+from sandbox.core.errors import UsageError
+from sandbox.core.result import Reason
+from sandbox.run import retry
 
 WOULD_BLOCK = (
     b"thread 'rustc' panicked at compiler/rustc_interface/src/util.rs:\n"
@@ -37,7 +38,7 @@ COMPILE_ERROR = (
     ],
 )
 def test_program_looks_through_env_and_paths(argv: list[str], expected: str) -> None:
-    assert retry.program(argv) == expected
+    assert program(argv) == expected
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.limits import Limits
-from sandbox.systemd_backend import (
+from sandbox.backends.systemd import (
     DESCRIPTION_CHARS,
     HOLDER_TASKS,
     RUNTIME_MARGIN_S,
@@ -19,6 +18,7 @@ from sandbox.systemd_backend import (
     encode_properties,
     unit_properties,
 )
+from sandbox.core.limits import Limits
 
 G = 1 << 30
 
@@ -134,7 +134,7 @@ def test_pystemd_loads_without_its_object_api() -> None:
     pytest.importorskip("pystemd.dbuslib")
     code = (
         "import sys\n"
-        "from sandbox.systemd_backend import import_dbuslib\n"
+        "from sandbox.backends.systemd import import_dbuslib\n"
         "dbuslib, errors = import_dbuslib()\n"
         "assert dbuslib.apply_signature(b'au', [[1]])\n"
         "assert 'lxml.etree' not in sys.modules and 'pystemd.systemd1' not in sys.modules\n"

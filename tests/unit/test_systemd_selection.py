@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import cgroupfs, selection, systemd_backend
-from sandbox.errors import BackendUnavailable, UsageError
-from sandbox.limits import Limits
+from sandbox.backends import selection
+from sandbox.backends import systemd as systemd_backend
+from sandbox.cgroups import cgroupfs
+from sandbox.core.errors import BackendUnavailable, UsageError
+from sandbox.core.limits import Limits
 from sandbox.options import parse_run
 
 LIMITS = Limits(1 << 30, 100)

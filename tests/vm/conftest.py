@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.selection import systemd_running
+from sandbox.backends.selection import systemd_running
 from tests.conftest import LAUNCHER, launcher_env, need, read_report, sandbox_cgroups, wait_until
 
 USER = os.geteuid() != 0

@@ -8,7 +8,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from sandbox import registry
+from sandbox.registry import store as registry
 from tests.conftest import LAUNCHER, launcher_env, pid_alive, run_launcher, wait_until
 from tests.vm.conftest import DELEGATED_SCOPE, PY, SCOPE, SYSTEMCTL, USER, Mode, units
 from tests.vm.test_core_vm import ALLOCATE, STUBBORN_TREE

@@ -1,6 +1,6 @@
 """What runs and what is left over: the data behind `aero-sandbox list` and `aero-sandbox gc`.
 
-Every launcher registers its sandbox (sandbox/registry.py): command, backend, limits, cgroup
+Every launcher registers its sandbox (sandbox/registry/store.py): command, backend, limits, cgroup
 paths. `list` reads the live entries and each sandbox's memory from its cgroups, whatever the
 backend made them (cgroupfs, a systemd scope); a sandbox without cgroups (rlimit) is measured
 from the launcher's process tree. `gc` removes what crashed launchers left: registry entries no
@@ -17,9 +17,11 @@ import shlex
 import time
 from typing import Any
 
-from sandbox import cgroupfs, registry
-from sandbox.enclosing import enclosing_memory_limit
-from sandbox.errors import UsageError
+from sandbox.cgroups import cgroupfs
+from sandbox.cgroups.enclosing import enclosing_memory_limit
+from sandbox.core import identity
+from sandbox.core.errors import UsageError
+from sandbox.registry import store as registry
 
 _V1_UNLIMITED = 1 << 60
 
@@ -284,10 +286,10 @@ def collect(dry_run: bool = False, parents: list[str] | None = None) -> Collecti
         except OSError:
             continue
         for name in names:
-            pid = cgroupfs.launcher_pid(name)
+            pid = identity.launcher_pid(name)
             path = os.path.join(parent, name)
             seen = path in claimed or path in done.cgroups or path in done.busy
-            if pid is None or seen or cgroupfs.pid_exists(pid):
+            if pid is None or seen or identity.pid_exists(pid):
                 continue
             _remove_cgroup(path, done, dry_run)
     return done

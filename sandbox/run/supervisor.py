@@ -16,10 +16,10 @@ import os
 import select
 import time
 
-from sandbox import linux, registry
-from sandbox.errors import SandboxError
-from sandbox.limits import Limits
-from sandbox.result import (
+from sandbox.core import linux
+from sandbox.core.errors import SandboxError
+from sandbox.core.limits import Limits
+from sandbox.core.result import (
     EXIT_NOT_EXECUTABLE,
     EXIT_NOT_FOUND,
     Reason,
@@ -27,13 +27,14 @@ from sandbox.result import (
     Usage,
     classify,
 )
+from sandbox.registry import store as registry
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal as _signal
 
-    from sandbox.backend import Backend
-    from sandbox.relay import Relay
+    from sandbox.backends.protocol import Backend
+    from sandbox.run.relay import Relay
 else:
     # The C half of `signal`: the module `signal` wraps it in enums, ~4 ms of start-up.
     import _signal

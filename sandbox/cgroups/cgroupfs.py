@@ -12,9 +12,8 @@ import errno
 import os
 import time
 
-from sandbox.frozen import Frozen
-
-PREFIX = "aero-sandbox-"
+from sandbox.core.frozen import Frozen
+from sandbox.core.identity import PREFIX, launcher_pid, pid_exists
 
 
 class Hierarchy(Frozen):
@@ -214,18 +213,6 @@ def inside_sandbox(proc_cgroup: str | None = None) -> bool:
     return f"/{PREFIX}" in text
 
 
-def sandbox_name() -> str:
-    return f"{PREFIX}{os.getpid()}-{os.urandom(3).hex()}"
-
-
-def launcher_pid(name: str) -> int | None:
-    """The launcher pid in `aero-sandbox-<pid>-<id>`, or None for other names."""
-    if not name.startswith(PREFIX):
-        return None
-    pid, _, ident = name[len(PREFIX) :].partition("-")
-    return int(pid) if pid.isdigit() and ident else None
-
-
 def remove_stale(parent: str) -> list[str]:
     """Remove empty sandbox cgroups whose launcher is gone (a crash, a SIGKILL of both processes).
 
@@ -248,14 +235,3 @@ def remove_stale(parent: str) -> list[str]:
         except OSError:
             pass
     return removed
-
-
-def pid_exists(pid: int) -> bool:
-    """Whether a process with this pid exists (it may be another user's: EPERM means yes)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

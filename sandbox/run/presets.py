@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 
-from sandbox.errors import UsageError
+from sandbox.core.errors import UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

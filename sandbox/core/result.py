@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from sandbox.frozen import Frozen
-from sandbox.limits import Limits, format_duration, format_size
+from sandbox.core.frozen import Frozen
+from sandbox.core.limits import Limits, format_duration, format_size
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

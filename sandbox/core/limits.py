@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
-from sandbox.errors import UsageError
-from sandbox.frozen import Frozen
+from sandbox.core.errors import UsageError
+from sandbox.core.frozen import Frozen
+
+# Limits.address_space_bytes for `--as unlimited`: no cap at all. None means --as was not given,
+# and the rlimit backend chooses one per command (fallback/address_space.py).
+AS_UNLIMITED = -1
 
 DEFAULT_MEMORY = "12G"
 # Tasks (threads included). Chromium under Playwright uses a few hundred; `cargo build -j64`

@@ -12,11 +12,12 @@ from __future__ import annotations
 import errno
 import os
 
-from sandbox import cgroupfs
-from sandbox.cgroupfs import Hierarchy
-from sandbox.errors import BackendUnavailable, SandboxError, UsageError
-from sandbox.limits import Limits, format_size
-from sandbox.result import Reason, Usage
+from sandbox.cgroups import cgroupfs
+from sandbox.cgroups.cgroupfs import Hierarchy
+from sandbox.core import identity
+from sandbox.core.errors import BackendUnavailable, SandboxError, UsageError
+from sandbox.core.limits import Limits, format_size
+from sandbox.core.result import Reason, Usage
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class CgroupBackend:
             )
         if "pids" not in sources:
             self.not_enforced.append("pids")
-        name = cgroupfs.sandbox_name()
+        name = identity.sandbox_name()
         try:
             if v2 is not None:
                 wanted = {c for c, h in sources.items() if h is v2}

@@ -30,10 +30,11 @@ import os
 import select
 import time
 
-from sandbox import cgroupfs, linux
-from sandbox.errors import BackendUnavailable, SandboxError
-from sandbox.limits import Limits, format_size
-from sandbox.result import Reason, Usage
+from sandbox.cgroups import cgroupfs
+from sandbox.core import identity, linux
+from sandbox.core.errors import BackendUnavailable, SandboxError
+from sandbox.core.limits import Limits, format_size
+from sandbox.core.result import Reason, Usage
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -214,7 +215,7 @@ class SystemdBackend:
                 "(the default since systemd 244), or use --backend cgroup as root",
             )
         self._limits, self._argv = limits, argv
-        self.unit = cgroupfs.sandbox_name() + ".scope"
+        self.unit = identity.sandbox_name() + ".scope"
         self._release = os.pipe()
 
     # -- run ----------------------------------------------------------------------------------
@@ -654,8 +655,8 @@ class _Bus:
             return  # systemd < 230: no such method; `aero-sandbox gc` remains
         for row in units or []:
             name = _text(row[0])  # (name, description, load state, active state, ...)
-            pid = cgroupfs.launcher_pid(name.removesuffix(".scope"))
-            if pid is None or pid == os.getpid() or cgroupfs.pid_exists(pid):
+            pid = identity.launcher_pid(name.removesuffix(".scope"))
+            if pid is None or pid == os.getpid() or identity.pid_exists(pid):
                 continue
             kill = self._dbuslib.apply_signature(b"ssi", [name.encode(), b"all", _signal.SIGKILL])
             try:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from sandbox.limits import Limits
-from sandbox.result import Usage
+from sandbox.core.limits import Limits
+from sandbox.core.result import Usage
 
 
 class Backend(Protocol):

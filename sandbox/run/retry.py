@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 
-from sandbox.errors import UsageError
-from sandbox.result import Reason
+from sandbox.core.commandline import program
+from sandbox.core.errors import UsageError
+from sandbox.core.result import Reason
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -60,28 +61,6 @@ TRANSIENT_PATTERNS: tuple[tuple[str, tuple[bytes, ...]], ...] = (
 # Endings that a person or a supervisor caused: never retried, whatever the output says.
 # (SIGHUP, SIGINT, SIGQUIT, SIGKILL, SIGPIPE, SIGTERM; as a shell reports them: 128+N.)
 _STOP_SIGNALS = frozenset({1, 2, 3, 9, 13, 15})
-
-
-def program(argv: Sequence[str]) -> str:
-    """The program a command line runs: the basename, looking through `env [-u X] [VAR=x]...`."""
-    index = 0
-    while index < len(argv):
-        name = os.path.basename(argv[index])
-        if name != "env":
-            return name
-        index += 1
-        while index < len(argv):  # env's options and assignments
-            arg = argv[index]
-            if arg == "--":
-                index += 1
-                break
-            if arg in ("-u", "--unset", "-C", "--chdir"):
-                index += 2
-            elif arg.startswith("-") or ("=" in arg and not arg.startswith("=")):
-                index += 1
-            else:
-                break
-    return ""
 
 
 def default_attempts(argv: Sequence[str]) -> int:

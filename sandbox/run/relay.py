@@ -30,7 +30,7 @@ import stat
 import sys
 import time
 
-from sandbox.retry import TAIL_BYTES
+from sandbox.run.retry import TAIL_BYTES
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -32,14 +32,14 @@ from __future__ import annotations
 import os
 import time
 
-from sandbox import cgroupfs
+from sandbox.core import identity
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from sandbox.backend import Backend
-    from sandbox.limits import Limits
+    from sandbox.backends.protocol import Backend
+    from sandbox.core.limits import Limits
 
 MAGIC = "aero-sandbox-registry 1"
 ROOT_DIRECTORY = "/run/aero-sandbox"
@@ -210,7 +210,7 @@ def sweep(directory: str) -> list[str]:
         return removed
     for name in names:
         pid = name.lstrip(".").partition("-")[0]
-        if not pid.isdigit() or cgroupfs.pid_exists(int(pid)):
+        if not pid.isdigit() or identity.pid_exists(int(pid)):
             continue
         path = os.path.join(directory, name)
         if is_live(path):

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import os
 
-from sandbox import cgroupfs
-from sandbox.errors import BackendUnavailable, SandboxError
-from sandbox.limits import Limits
+from sandbox.cgroups import cgroupfs
+from sandbox.core.errors import BackendUnavailable, SandboxError
+from sandbox.core.limits import Limits
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from sandbox.backend import Backend
+    from sandbox.backends.protocol import Backend
 
 BACKENDS = ("systemd", "cgroup", "rlimit")
 CHOICES = ("auto",) + BACKENDS
@@ -47,13 +47,13 @@ def make(name: str, parent: str | None = None, slice_name: str | None = None) ->
             "use --backend cgroup, or --slice with systemd",
         )
     if name == "cgroup":
-        from sandbox.cgroup_backend import CgroupBackend
+        from sandbox.backends.cgroup import CgroupBackend
 
         return CgroupBackend(parent=parent)
     if name == "systemd":
         if not systemd_running():
             raise BackendUnavailable("systemd", "systemd is not running as PID 1 on this host")
-        from sandbox.systemd_backend import SystemdBackend  # pystemd only in its prepare()
+        from sandbox.backends.systemd import SystemdBackend  # pystemd only in its prepare()
 
         return SystemdBackend(slice_name)
     if name == "rlimit":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from sandbox import cgroupfs
+from sandbox.cgroups import cgroupfs
 
 # cgroup v1 writes "no limit" as PAGE_COUNTER_MAX pages (0x7ffffffffffff000 with 4K pages);
 # anything this large is no limit.

@@ -1,0 +1,1 @@
+"""The backends (cgroup, systemd; rlimit is in fallback/), their protocol, the choice."""

@@ -1,0 +1,1 @@
+"""The cgroup core: finding our cgroups (v1, v2, hybrid), reading and writing them."""

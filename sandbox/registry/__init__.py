@@ -1,0 +1,1 @@
+"""The registry of running sandboxes: entries, `list` and `gc`."""

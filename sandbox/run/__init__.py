@@ -1,0 +1,1 @@
+"""One run from fork to report: supervisor, guardian, output relay, retries, presets."""

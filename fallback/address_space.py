@@ -1,16 +1,21 @@
 """The per-process backstop under the watchdog: which RLIMIT_AS and RLIMIT_DATA a command gets.
 
-The watchdog bounds the resident memory of the whole tree, but only as often as it samples.
-Between two samples the kernel's per-process limits stop what grows too fast:
+The watchdog bounds the resident memory of the whole tree and decides what --mem means. The
+kernel's per-process limits are only a backstop for what a starved watchdog cannot see in
+time, so they sit well above --mem: at --mem + max(--mem, 1 GiB). At --mem itself they broke
+programs far below the limit: V8 workers abort "JavaScript heap out of memory" at ~215 MiB of
+tree RSS under RLIMIT_DATA=300M, Chromium's renderers need 450-670 MiB of VmData for 50-150 MiB
+resident (docs/fallback.md has the measurements).
 
     RLIMIT_AS    every mapping counts, reservations included (what `ulimit -v` set in the old
-                 shell scripts). Capped at --mem, except for commands known to reserve far more
-                 address space than they use: V8 reserves about 10 GiB per WebAssembly memory
-                 (four `WebAssembly.Memory({maximum: 65536})` need 41 GiB), so Node and its
-                 launchers get 256G; LLVM's reservations in Rust builds need about 32G.
+                 shell scripts). Commands known to reserve far more address space than they use
+                 get more: V8 reserves about 10 GiB per WebAssembly memory (four
+                 `WebAssembly.Memory({maximum: 65536})` need 41 GiB), so Node and its launchers
+                 get 256G; LLVM's reservations in Rust builds need about 32G; Chromium's
+                 renderers reserve 1.4 TiB each, so Chromium gets no RLIMIT_AS at all.
     RLIMIT_DATA  writable private mappings only (Linux 4.7+): PROT_NONE reservations do not
-                 count, so it stays at --mem for every command and still catches a single
-                 process that allocates past the limit where RLIMIT_AS had to be raised.
+                 count, so it gets the same headroom for every command and still catches a
+                 single process that allocates far past the limit where RLIMIT_AS was raised.
 
 An explicit `--as SIZE|unlimited` (or AERO_AS_LIMIT) replaces both: the person asking knows
 their program (AddressSanitizer maps a 15 TiB shadow that either limit would refuse).
@@ -25,6 +30,8 @@ from sandbox.core.limits import AS_UNLIMITED
 
 NODE_CAP = 256 << 30
 RUST_CAP = 32 << 30
+UNCAPPED = -1  # RESERVERS: no RLIMIT_AS at all
+HEADROOM = 1 << 30  # at least this much above --mem, and at least --mem itself
 
 # Programs that reserve large virtual ranges, by the basename of what the command line runs
 # (looking through `env VAR=x`): every Node launcher runs V8, whose WebAssembly memories and
@@ -51,7 +58,25 @@ RESERVERS: dict[str, tuple[int, str]] = {
         name: (RUST_CAP, "LLVM reserves address space in Rust builds")
         for name in ("cargo", "rustc", "cargo-nextest")
     },
+    **{
+        name: (UNCAPPED, "Chromium's renderers reserve about 1.4 TiB of address space each")
+        for name in (
+            "chromium",
+            "chromium-browser",
+            "chrome",
+            "google-chrome",
+            "google-chrome-stable",
+            "chrome-headless-shell",
+            "headless_shell",
+        )
+    },
 }
+
+
+def with_headroom(memory_bytes: int) -> int:
+    """The per-process backstop for a tree limited to `memory_bytes`: far enough above it that
+    only the watchdog, which counts the whole tree's resident memory, decides at --mem."""
+    return memory_bytes + max(memory_bytes, HEADROOM)
 
 
 class Backstop(Frozen):
@@ -74,5 +99,6 @@ def backstop(argv: list[str], memory_bytes: int | None, requested: int | None) -
         return Backstop(requested, None, "--as")
     if memory_bytes is None:
         return Backstop(None, None, "no --mem limit")
-    cap, why = RESERVERS.get(program(argv), (memory_bytes, "--mem"))
-    return Backstop(max(cap, memory_bytes), memory_bytes, why)
+    backstop = with_headroom(memory_bytes)
+    cap, why = RESERVERS.get(program(argv), (backstop, "--mem + headroom"))
+    return Backstop(None if cap == UNCAPPED else max(cap, backstop), backstop, why)

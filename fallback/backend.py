@@ -1,11 +1,13 @@
 """The `rlimit` backend: for hosts where no cgroup can be had (read-only cgroupfs, no delegation).
 
-    memory  a watchdog sums the tree's resident memory every ~0.1 s and kills the whole tree
-            over --mem (reason "oom", exit 137); per-process rlimits (RLIMIT_AS, RLIMIT_DATA,
-            fallback/address_space.py) stop what grows faster than the sampling
-    pids    the watchdog counts the tree's tasks and kills it over --pids; for users the kernel
-            does not exempt, RLIMIT_NPROC too (it counts all of the user's tasks, so it is set
-            to what the user already runs plus --pids)
+    memory  a watchdog sums the tree's resident memory (every 5-50 ms while it nears --mem,
+            less often while it is still) and kills the whole tree over --mem (reason "oom",
+            exit 137); per-process rlimits well above --mem (RLIMIT_AS, RLIMIT_DATA,
+            fallback/address_space.py) are a backstop, and a process that reaches them ends
+            the run as an OOM too; so does a tree thrashing near --mem (AERO_OOM_PRESSURE)
+    pids    the watchdog counts the tree's tasks and kills it over --pids (reason "pids", exit
+            137); for users the kernel does not exempt (root is), RLIMIT_NPROC too (it counts
+            all of the user's tasks, so it is set to what the user already runs plus --pids)
     tree    the launcher is a child subreaper: descendants that double-fork or setsid() come back
             to it, so it can signal, kill and reap all of them
     guardian if the launcher is SIGKILLed, the guardian finds the tree through the list the
@@ -26,8 +28,8 @@ from fallback.address_space import backstop
 from fallback.handoff import Handoff
 from fallback.watchdog import INTERVAL_S, Watchdog
 from sandbox.core import identity
-from sandbox.core.errors import BackendUnavailable, SandboxError
-from sandbox.core.limits import Limits
+from sandbox.core.errors import BackendUnavailable, SandboxError, UsageError
+from sandbox.core.limits import Limits, parse_duration
 from sandbox.core.result import Reason, Usage
 
 TYPE_CHECKING = False
@@ -42,6 +44,10 @@ else:
 MARKER = "AERO_SANDBOX_TREE"
 KILL_TIMEOUT_S = 3.0  # as cgroupfs.kill_all: a task in uninterruptible sleep may need a moment
 GUARDIAN_STOP_S = 1.0  # of the 2 s promise: stopping what the guardian finds, then the kill
+# The thrash rule's window (fallback/watchdog.py): the rlimit side of the cgroup backends'
+# memory-pressure option; "off" disables it.
+PRESSURE_VARIABLE = "AERO_OOM_PRESSURE"
+PRESSURE_WINDOW_S = 10.0
 
 
 class RlimitBackend:
@@ -87,7 +93,10 @@ class RlimitBackend:
             self.not_enforced.append(
                 f"kernel pids limit for the tree {per_user if nproc else '(sampled instead)'}"
             )
-        self._watchdog = Watchdog(self._launcher, limits.memory_bytes, limits.pids)
+        backstops = {k: v for k, v in self._rlimits.items() if k in ("RLIMIT_DATA", "RLIMIT_AS")}
+        self._watchdog = Watchdog(
+            self._launcher, limits.memory_bytes, limits.pids, backstops, _pressure_window()
+        )
         self._handoff = Handoff()
 
     # -- run ----------------------------------------------------------------------------------
@@ -131,7 +140,10 @@ class RlimitBackend:
             return
         deadline = time.monotonic() + KILL_TIMEOUT_S
         pause = 0.0005
-        while left := self._tree_now():
+        # Until every process is dead and waitable: a multi-threaded process whose main thread
+        # has exited shows "Z" while its other threads still exit, and cannot be reaped (nor
+        # its CPU time counted in os.times()) before they have.
+        while left := self._tree_now() | self._not_yet_waitable():
             proctree.signal(left, _signal.SIGKILL)
             if time.monotonic() > deadline:
                 raise SandboxError(
@@ -139,6 +151,20 @@ class RlimitBackend:
                 )
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+    def _not_yet_waitable(self) -> set[int]:
+        """The launcher's children in the tree that waitpid() could not reap yet."""
+        if self._main is None:
+            return set()
+        waiting = set()
+        for pid in set(proctree.own_children(self._launcher)) - self._excluded:
+            try:
+                flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+                if os.waitid(os.P_PID, pid, flags) is None:
+                    waiting.add(pid)
+            except ChildProcessError:
+                pass  # reaped since the list was read
+        return waiting
 
     def _tree_now(self) -> set[int]:
         """Live (not zombie) descendants of the launcher, the guardian's subtree excluded."""
@@ -157,18 +183,21 @@ class RlimitBackend:
 
         Roots: the processes of the launcher's last sample that still exist with the same start
         time, and every process carrying our environment marker. Each round stops the roots and
-        their descendants (a stopped process cannot fork) until a round finds nothing new.
+        their descendants (a stopped process cannot fork) and scans for the marker again: a
+        process caught between fork and exec, or forked by one not yet stopped, shows it only
+        in a later round. Rounds end when one finds nothing new.
         """
-        roots = proctree.marked(MARKER, self._id)
+        roots: set[int] = set()
         for pid, start in self._handoff.read() if self._handoff is not None else []:
             info = proctree.stat(pid)
             if info is not None and info.start == start:
                 roots.add(pid)
-        roots.discard(os.getpid())
         stopped: set[int] = set()
         deadline = time.monotonic() + GUARDIAN_STOP_S
         try:
             while time.monotonic() < deadline:
+                roots |= proctree.marked(MARKER, self._id)
+                roots.discard(os.getpid())
                 procs = proctree.table()
                 found = {
                     pid
@@ -221,6 +250,8 @@ class RlimitBackend:
                 "interval_s": watchdog.interval_s if watchdog else None,
                 "samples": watchdog.samples if watchdog else 0,
                 "peak_tasks": watchdog.peak_tasks if watchdog else None,
+                "verdict": watchdog.verdict if watchdog else None,
+                "pressure_window_s": watchdog.pressure_window_s if watchdog else None,
             },
             "marker": f"{MARKER}={self._id}",
         }
@@ -229,6 +260,19 @@ class RlimitBackend:
 def _alive(pid: int) -> bool:
     info = proctree.stat(pid)
     return info is not None and info.state not in "ZX"
+
+
+def _pressure_window() -> float | None:
+    """The thrash rule's window from AERO_OOM_PRESSURE: seconds (10 by default), or off."""
+    text = os.environ.get(PRESSURE_VARIABLE, "").strip()
+    if not text:
+        return PRESSURE_WINDOW_S
+    if text.lower() in ("off", "no", "false"):
+        return None
+    try:
+        return parse_duration(text, PRESSURE_VARIABLE)  # 0: off
+    except UsageError as err:
+        raise UsageError(f"{err.line()} or off") from None
 
 
 def _nproc_applies() -> bool:

@@ -20,13 +20,16 @@ KIB = 1024
 class ProcInfo:
     """The fields of /proc/PID/stat we use."""
 
-    __slots__ = ("ppid", "start", "state", "faults")
+    __slots__ = ("ppid", "start", "state", "faults", "major_faults")
 
-    def __init__(self, ppid: int, start: int, state: str, faults: int = 0) -> None:
+    def __init__(
+        self, ppid: int, start: int, state: str, faults: int = 0, major_faults: int = 0
+    ) -> None:
         self.ppid = ppid
         self.start = start
         self.state = state  # "Z" zombie, "X" dead: gone for every purpose here
         self.faults = faults  # page faults, minor + major, of all its threads so far
+        self.major_faults = major_faults  # of those, the ones that had to wait for a read
 
 
 def read(path: str, size: int = 8192) -> bytes | None:
@@ -61,8 +64,8 @@ def stat(pid: int) -> ProcInfo | None:
     # The command name (field 2) may contain spaces and parentheses: split after the last ")".
     fields = data[data.rfind(b")") + 2 :].split()
     # Fields 4 (ppid), 10 (minflt), 12 (majflt), 22 (starttime), counted from 3 (state).
-    faults = int(fields[7]) + int(fields[9])
-    return ProcInfo(int(fields[1]), int(fields[19]), fields[0].decode(), faults)
+    minor, major = int(fields[7]), int(fields[9])
+    return ProcInfo(int(fields[1]), int(fields[19]), fields[0].decode(), minor + major, major)
 
 
 def table() -> dict[int, ProcInfo]:
@@ -115,16 +118,18 @@ def field(data: bytes, key: bytes) -> int:
 class Footprint:
     """One process's share of the tree, from /proc/PID/status (cheap: kernel counters)."""
 
-    __slots__ = ("memory", "tasks", "ppid")
+    __slots__ = ("memory", "tasks", "ppid", "data", "size")
 
-    def __init__(self, memory: int, tasks: int, ppid: int) -> None:
+    def __init__(self, memory: int, tasks: int, ppid: int, data: int = 0, size: int = 0) -> None:
         self.memory = memory
         self.tasks = tasks
         self.ppid = ppid
+        self.data = data  # VmData: what RLIMIT_DATA counts
+        self.size = size  # VmSize: what RLIMIT_AS counts
 
 
 def footprint(pid: int) -> Footprint | None:
-    """Resident anonymous + shmem memory + swap, threads and parent of a process.
+    """Resident anonymous + shmem memory + swap, threads, parent and rlimit-counted sizes.
 
     File-backed pages are left out: they are shared (libnode's 40 MB of text in every Node
     process) and reclaimable, and a memory cgroup reclaims them before it ever kills.
@@ -136,7 +141,13 @@ def footprint(pid: int) -> Footprint | None:
     memory = (
         field(data, b"\nRssAnon:") + field(data, b"\nRssShmem:") + field(data, b"\nVmSwap:")
     ) * KIB
-    return Footprint(memory, field(data, b"\nThreads:") or 1, field(data, b"\nPPid:"))
+    return Footprint(
+        memory,
+        field(data, b"\nThreads:") or 1,
+        field(data, b"\nPPid:"),
+        field(data, b"\nVmData:") * KIB,
+        field(data, b"\nVmSize:") * KIB,
+    )
 
 
 def proportional(pid: int) -> int | None:

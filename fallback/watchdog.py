@@ -20,6 +20,19 @@ What counts as the tree's memory (docs/fallback.md has the numbers):
     huge pages included), plus a page per page fault since (a write to a shared page makes a
     private copy without changing any RSS counter, but it faults). A fresh PSS is read when
     the bound crosses the limit: no kill without one.
+
+When to sample (the interval, adaptive): a still tree is sampled every 50 ms, or less often
+when a sample costs more than 1% of a core. A tree growing toward a limit is sampled so that
+at its current rate it takes about four samples to get there, and near a limit as if it could
+grow by 1 GiB/s (or 1000 tasks/s) at any moment: so the interval shrinks as the tree nears a
+limit (down to 5 ms, and at most 15% of a core) and the overshoot stays a few percent.
+
+Besides the limits themselves, two rules end a tree as an OOM instead of leaving it to hang:
+  - backstop: a process within 1/32 of the RLIMIT_DATA or RLIMIT_AS it was given is refused
+    memory by the kernel (or is about to be); programs handle that badly (V8 aborts a worker
+    and hangs), so the watchdog kills the tree then.
+  - pressure: a tree above 90% of --mem that keeps taking major faults (over 100/s, each a
+    wait for a read from disk) for a whole window is thrashing, not progressing.
 """
 
 from __future__ import annotations
@@ -28,17 +41,35 @@ import time
 
 from fallback import proctree
 
-INTERVAL_S = 0.1  # a tree growing 300 MB/s overshoots by ~30 MB before it is seen
+INTERVAL_S = 0.05  # a still tree, and the first sample
+MIN_INTERVAL_S = 0.005
 MAX_INTERVAL_S = 1.0
-DUTY = 0.01  # sampling may use 1% of a core: the interval is at least 100x a sample's cost
+DUTY = 0.01  # a still tree's sampling may use 1% of a core: interval >= 100x a sample's cost
+GROWING_DUTY = 0.15  # ... a tree nearing a limit 15%, for as long as that lasts
+STEPS = 4  # samples a growing tree gets, at its current rate, before it reaches a limit
+BURST_BYTES_PER_S = 1 << 30  # how fast a still tree might start growing
+BURST_TASKS_PER_S = 1000
 PAGE = 4096  # what one fault may add at most, outside huge pages (which RSS counts)
+BACKSTOP_MARGIN = 32  # within 1/32 of its RLIMIT_DATA / RLIMIT_AS, a process is at its backstop
+PRESSURE_SHARE = 0.9  # of --mem
+PRESSURE_MAJOR_FAULTS_PER_S = 100
 
 
 class Watchdog:
-    def __init__(self, launcher: int, memory_limit: int | None, tasks_limit: int | None) -> None:
+    def __init__(
+        self,
+        launcher: int,
+        memory_limit: int | None,
+        tasks_limit: int | None,
+        backstop: dict[str, int] | None = None,
+        pressure_window_s: float | None = None,
+    ) -> None:
         self.launcher = launcher
         self.memory_limit = memory_limit
         self.tasks_limit = tasks_limit
+        # RLIMIT_DATA / RLIMIT_AS given to the command (absent: not set)
+        self.backstop = backstop or {}
+        self.pressure_window_s = pressure_window_s
         self.members: dict[int, int] = {}  # pid -> start time
         self._outsiders: set[int] = set()
         self._excluded: set[int] = set()
@@ -46,11 +77,16 @@ class Watchdog:
         # (PSS, RSS sum, faults per member) at the last PSS read, while the RSS sum stays over
         # the limit; None below it.
         self._basis: tuple[int, int, dict[int, int]] | None = None
+        # (when, major faults per member) since the tree went over PRESSURE_SHARE of --mem
+        self._pressure_since: tuple[float, dict[int, int]] | None = None
+        self._last: tuple[float, int, int] | None = None  # (when, memory, tasks) last sample
         self.interval_s = INTERVAL_S
         self.samples = 0
         self.peak_memory: int | None = None
         self.peak_tasks: int | None = None
         self.tasks_limit_hits = 0  # samples that found the tree at or over --pids
+        # Why over() said "memory" when not simply over --mem: "backstop ..." or "pressure ..."
+        self.verdict: str | None = None
 
     def adopt(self, main: int, excluded: set[int]) -> None:
         """The main child is known; `excluded` are the launcher's other children (the guardian)."""
@@ -74,6 +110,8 @@ class Watchdog:
                 continue
             memory += share.memory
             tasks += share.tasks
+            if self.verdict is None:
+                self._check_backstop(pid, share)
         took = time.thread_time() - began
         memory = self._confirmed(memory)
         self.samples += 1
@@ -82,8 +120,64 @@ class Watchdog:
             self.peak_tasks = max(self.peak_tasks or 0, tasks)
         if self.tasks_limit is not None and tasks >= self.tasks_limit:
             self.tasks_limit_hits += 1
-        self.interval_s = min(MAX_INTERVAL_S, max(INTERVAL_S, took / DUTY))
+        now = time.monotonic()
+        self._check_pressure(now, memory)
+        self.interval_s = self._next_interval(now, took, memory, tasks)
+        self._last = (now, memory, tasks)
         return memory, tasks
+
+    def _next_interval(self, now: float, took: float, memory: int, tasks: int) -> float:
+        """Sparse while the tree is still and far from its limits, dense as it nears them."""
+        still = min(MAX_INTERVAL_S, max(INTERVAL_S, took / DUTY))
+        wanted = still
+        elapsed = now - self._last[0] if self._last is not None else 0.0
+        for index, used, limit, burst in (
+            (1, memory, self.memory_limit, BURST_BYTES_PER_S),
+            (2, tasks, self.tasks_limit, BURST_TASKS_PER_S),
+        ):
+            if limit is None:
+                continue
+            left = max(0, limit - used)
+            wanted = min(wanted, left / burst)
+            if self._last is not None and elapsed > 0 and used > self._last[index]:
+                rate = (used - self._last[index]) / elapsed
+                wanted = min(wanted, left / rate / STEPS)
+        return max(wanted, MIN_INTERVAL_S, took / GROWING_DUTY)
+
+    def _check_backstop(self, pid: int, share: proctree.Footprint) -> None:
+        for name, used in (("RLIMIT_DATA", share.data), ("RLIMIT_AS", share.size)):
+            limit = self.backstop.get(name)
+            if limit is not None and used >= limit - limit // BACKSTOP_MARGIN:
+                self.verdict = (
+                    f"backstop: process {pid} reached its {name} ({used >> 20} of "
+                    f"{limit >> 20} MiB): the kernel refuses it memory"
+                )
+                return
+
+    def _check_pressure(self, now: float, memory: int) -> None:
+        """Over PRESSURE_SHARE of --mem with a sustained major-fault rate: thrashing."""
+        limit, window = self.memory_limit, self.pressure_window_s
+        if limit is None or window is None or memory < limit * PRESSURE_SHARE:
+            self._pressure_since = None
+            return
+        faults = {}
+        for pid in self.members:
+            info = proctree.stat(pid)
+            faults[pid] = info.major_faults if info is not None else 0
+        if self._pressure_since is None:
+            self._pressure_since = (now, faults)
+            return
+        since, before = self._pressure_since
+        if now - since < window:
+            return
+        rate = sum(max(0, n - before.get(pid, 0)) for pid, n in faults.items()) / (now - since)
+        if rate >= PRESSURE_MAJOR_FAULTS_PER_S and self.verdict is None:
+            self.verdict = (
+                f"memory pressure: above {PRESSURE_SHARE:.0%} of the limit for {now - since:.1f} s "
+                f"with {rate:.0f} major faults/s"
+            )
+        else:  # a new window: the rate must hold in each one, not on average since the start
+            self._pressure_since = (now, faults)
 
     def _discover(self) -> None:
         present = proctree.pids()
@@ -141,8 +235,11 @@ class Watchdog:
         return sum(proctree.proportional(pid) or 0 for pid in self.members)
 
     def over(self, memory: int, tasks: int) -> str | None:
-        """Which limit a sample broke: "memory", "pids", or None."""
+        """Which limit a sample broke: "memory" (see `verdict`), "pids", or None."""
         if self.memory_limit is not None and memory > self.memory_limit:
+            self.verdict = None  # plainly over --mem, whatever else was seen
+            return "memory"
+        if self.verdict is not None:
             return "memory"
         if self.tasks_limit is not None and tasks > self.tasks_limit:
             return "pids"

@@ -137,6 +137,8 @@ def classify(
         return Reason.TIMEOUT, EXIT_TIMEOUT, child_code, signo
     if ended_by == Reason.OOM:
         return Reason.OOM, EXIT_OOM, child_code, signo
+    if ended_by == Reason.PIDS:  # the fallback's watchdog killed the tree over --pids
+        return Reason.PIDS, EXIT_OOM, child_code, signo
     exit_code = code if signo is None else 128 + signo
     if exit_code != 0 and usage.pids_limit_hits and limits.pids is not None:
         return Reason.PIDS, exit_code, child_code, signo

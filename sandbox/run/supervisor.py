@@ -297,6 +297,8 @@ def _supervise(
         if check and ended_by is None and (reason := backend.check()):
             ended_by = reason
             backend.kill_all()
+        if check and backend.tick_s:  # the interval check() chose applies from now
+            next_tick = time.monotonic() + backend.tick_s
     return status, ended_by, killed_after_grace
 
 

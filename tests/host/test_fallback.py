@@ -60,7 +60,7 @@ def test_four_webassembly_memories_run(tmp_path: Path, mem: list[str]) -> None:
     data = read_report(report)
     assert data["backend"] == "rlimit"
     assert data["limits"]["address_space_bytes"] == 256 * G
-    assert data["sandbox"]["rlimits"] == {"RLIMIT_AS": 256 * G, "RLIMIT_DATA": 12 * G}
+    assert data["sandbox"]["rlimits"] == {"RLIMIT_AS": 256 * G, "RLIMIT_DATA": 24 * G}
     assert data["sandbox"]["memory_enforcement"] == ["watchdog", "RLIMIT_AS", "RLIMIT_DATA"]
 
 
@@ -89,12 +89,81 @@ def test_an_explicit_address_space_cap_wins(
 ALLOCATE = "b = bytearray({size}); print('allocated', flush=True); import time; time.sleep(5)"
 
 
-def test_the_backstop_refuses_a_single_allocation_over_the_limit(tmp_path: Path) -> None:
+def test_the_backstop_refuses_a_single_allocation_far_over_the_limit(tmp_path: Path) -> None:
+    """RLIMIT_AS/RLIMIT_DATA sit at --mem + max(--mem, 1 GiB): 1.5 GB at once is refused."""
     report = tmp_path / "r.json"
-    code = ALLOCATE.format(size=700 * M)
+    code = ALLOCATE.format(size=1500 * M)
     proc = run_launcher([*RLIMIT, "--mem", "300M", "--report", str(report), "--", PY, "-c", code])
     assert proc.returncode == 1 and "MemoryError" in proc.stderr
-    assert read_report(report)["sandbox"]["rlimits"]["RLIMIT_AS"] == 300 * M
+    assert read_report(report)["sandbox"]["rlimits"]["RLIMIT_AS"] == 300 * M + G
+
+
+def test_between_mem_and_the_backstop_the_watchdog_decides(tmp_path: Path) -> None:
+    """700 MB written under --mem 300M: with RLIMIT_DATA = --mem the allocation failed
+    (MemoryError, exit 1); now the watchdog sees it and ends the run as an OOM."""
+    report = tmp_path / "r.json"
+    code = "import time; b = bytearray(700 << 20); b[::4096] = b'x' * (175 << 10); time.sleep(5)"
+    proc = run_launcher([*RLIMIT, "--mem", "300M", "--report", str(report), "--", PY, "-c", code])
+    assert proc.returncode == 137, proc.stderr
+    data = read_report(report)
+    assert data["reason"] == "oom" and 300 * M < data["peak_memory_bytes"] < 700 * M
+
+
+NODE_WORKERS = """
+const { Worker, isMainThread } = require("worker_threads");
+if (isMainThread) {
+  for (let i = 0; i < 8; i++) new Worker(__filename, { eval: false });
+} else {
+  const chunks = [];
+  const grow = (n) => {  // 200 x 1 MB of doubles, 5 ms apart
+    if (n < 200) { chunks.push(new Array(1 << 17).fill(n + 0.5)); setTimeout(grow, 5, n + 1); }
+    else setTimeout(() => {}, 5000);
+  };
+  grow(0);
+}
+"""
+
+
+def test_node_workers_over_mem_end_as_oom(tmp_path: Path) -> None:
+    """8 worker_threads x 200 MB under --mem 300M: with RLIMIT_DATA = --mem, V8 aborted
+    "JavaScript heap out of memory" at ~215 MiB of tree RSS (exit 1, reason exited, or a hang
+    until the timeout); the watchdog must make the call."""
+    need(shutil.which("node") is not None, "node is not installed")
+    script = tmp_path / "workers.js"
+    script.write_text(NODE_WORKERS)
+    report = tmp_path / "r.json"
+    args = [*RLIMIT, "--mem", "300M", "--timeout", "30", "--report", str(report)]
+    proc = run_launcher([*args, "--", "node", str(script)])
+    assert proc.returncode == 137, proc.stderr
+    data = read_report(report)
+    assert data["reason"] == "oom" and data["wall_s"] < 20
+    assert 300 * M < data["peak_memory_bytes"] < 1.15 * 300 * M
+
+
+BACKSTOP_HANG = """
+import mmap, time
+held = []
+for size in (64 << 20, 1 << 20):  # writable private memory, untouched (no RSS), until refused
+    try:
+        while True:
+            held.append(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+    except OSError:
+        pass
+print("refused", flush=True)
+time.sleep(60)  # as V8 did after "JavaScript heap out of memory": hang
+"""
+
+
+def test_a_process_at_its_backstop_ends_as_oom_not_at_the_timeout(tmp_path: Path) -> None:
+    """A program refused memory by its rlimit that then hangs (node's V8 workers did) is an
+    OOM: before, the run sat until --timeout (124)."""
+    report = tmp_path / "r.json"
+    args = [*RLIMIT, "--mem", "100M", "--timeout", "20", "--report", str(report)]
+    proc = run_launcher([*args, "--", PY, "-c", BACKSTOP_HANG])
+    assert proc.returncode == 137, proc.stderr
+    data = read_report(report)
+    assert data["reason"] == "oom" and data["wall_s"] < 10
+    assert data["sandbox"]["watchdog"]["verdict"].startswith("backstop: process")
 
 
 def test_without_the_backstop_the_watchdog_kills(tmp_path: Path) -> None:

@@ -45,6 +45,16 @@ def test_pids_reason_keeps_the_childs_code() -> None:
     assert classify(exited(0), None, usage, LIMITS)[:2] == (Reason.EXITED, 0)
 
 
+def test_a_watchdog_kill_for_pids_is_pids_however_the_child_ended() -> None:
+    """The rlimit watchdog killed the tree over --pids while the main process exited 0: the
+    report said `exited` with pids_limit_hits 1 and peak_tasks 231 (issue 12)."""
+    usage = Usage(pids_limit_hits=1)
+    limits = Limits(None, 64)
+    assert classify(exited(0), Reason.PIDS, usage, limits) == (Reason.PIDS, 137, 0, None)
+    killed_by_us = killed(signal.SIGKILL)
+    assert classify(killed_by_us, Reason.PIDS, usage, limits)[:2] == (Reason.PIDS, 137)
+
+
 def test_waitstatus_helpers_agree_with_os() -> None:
     assert os.waitstatus_to_exitcode(exited(5)) == 5
     assert os.waitstatus_to_exitcode(killed(9)) == -9

@@ -275,9 +275,8 @@ def _supervise(
         if kill_at is not None and now >= kill_at:
             kill_at, killed_after_grace = None, True
             backend.kill_all()
+        # A check due now runs after a poll that does not wait (a due tick is in `waits`).
         check = next_tick is not None and now >= next_tick
-        if check and backend.tick_s:
-            next_tick = now + backend.tick_s
         waits = [t for t in (deadline, kill_at, next_tick) if t is not None]
         timeout_ms = -1 if not waits else max(0.0, min(waits) - now) * 1000
         if relay is not None:
@@ -297,7 +296,7 @@ def _supervise(
         if check and ended_by is None and (reason := backend.check()):
             ended_by = reason
             backend.kill_all()
-        if check and backend.tick_s:  # the interval check() chose applies from now
+        if check and backend.tick_s:  # from the end of this check, at the interval it chose
             next_tick = time.monotonic() + backend.tick_s
     return status, ended_by, killed_after_grace
 

@@ -48,6 +48,7 @@ GUARDIAN_STOP_S = 1.0  # of the 2 s promise: stopping what the guardian finds, t
 # memory-pressure option; "off" disables it.
 PRESSURE_VARIABLE = "AERO_OOM_PRESSURE"
 PRESSURE_WINDOW_S = 10.0
+WATCHDOG_NICE_BOOST = 5
 
 
 class RlimitBackend:
@@ -65,6 +66,7 @@ class RlimitBackend:
         self._main: int | None = None
         self._excluded: set[int] = set()
         self._ended_by: str | None = None
+        self._nice = 0  # the caller's priority, which the command keeps
 
     # -- prepare ------------------------------------------------------------------------------
     def prepare(self, limits: Limits, argv: list[str]) -> None:
@@ -94,6 +96,15 @@ class RlimitBackend:
                 f"kernel pids limit for the tree {per_user if nproc else '(sampled instead)'}"
             )
         backstops = {k: v for k, v in self._rlimits.items() if k in ("RLIMIT_DATA", "RLIMIT_AS")}
+        # The watchdog's latency is the overshoot: on a loaded host (load 30-45 on this 2-core
+        # VM) a launcher at the command's priority waited 100-200 ms for a CPU between its
+        # sample and its kill. So it runs at a higher priority where it may (root or
+        # CAP_SYS_NICE), and the command gets back the caller's (child_setup).
+        self._nice = os.getpriority(os.PRIO_PROCESS, 0)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, max(-20, self._nice - WATCHDOG_NICE_BOOST))
+        except OSError:
+            pass  # EACCES: not permitted; the watchdog then samples at the caller's priority
         self._watchdog = Watchdog(
             self._launcher, limits.memory_bytes, limits.pids, backstops, _pressure_window()
         )
@@ -101,6 +112,7 @@ class RlimitBackend:
 
     # -- run ----------------------------------------------------------------------------------
     def child_setup(self) -> None:
+        os.setpriority(os.PRIO_PROCESS, 0, self._nice)  # lowering is always permitted
         for name, value in self._rlimits.items():
             resource.setrlimit(getattr(resource, name), (value, value))
         os.environ[MARKER] = self._id
@@ -125,6 +137,10 @@ class RlimitBackend:
         over = self._watchdog.over(memory, tasks)
         if over is not None:
             self._ended_by = Reason.OOM if over == "memory" else Reason.PIDS
+            # Kill what the sample saw at once, before kill_all's walk of the whole /proc:
+            # each ms lets a tree growing 1 GiB/s gain 1 MB. These pids are safe to signal:
+            # nothing was reaped since the sample, so each is ours, alive or a zombie.
+            proctree.signal(set(self._watchdog.members), _signal.SIGKILL)
         return self._ended_by
 
     def _publish(self) -> None:

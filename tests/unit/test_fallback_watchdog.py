@@ -22,6 +22,7 @@ class FakeProc:
     def __init__(self) -> None:
         self.procs: dict[int, tuple[int, int, int, int, int, int]] = {}
         self.pss_reads = 0
+        self.signals: list[tuple[int, set[int]]] = []
         self.pss_supported = True
 
     def add(
@@ -40,6 +41,10 @@ class FakeProc:
         monkeypatch.setattr(proctree, "stat", self.stat)
         monkeypatch.setattr(proctree, "footprint", self.footprint)
         monkeypatch.setattr(proctree, "proportional", self.proportional)
+        monkeypatch.setattr(proctree, "signal", self.signal)
+
+    def signal(self, pids: set[int], signo: int) -> None:
+        self.signals.append((signo, set(pids)))
 
     def stat(self, pid: int) -> proctree.ProcInfo | None:
         if pid not in self.procs:

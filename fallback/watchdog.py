@@ -24,9 +24,10 @@ What counts as the tree's memory (docs/fallback.md has the numbers):
 
 When to sample (the interval, adaptive): a still tree is sampled every 50 ms, or less often
 when a sample costs more than 1% of a core. A tree growing toward a limit is sampled so that
-at its current rate it takes about four samples to get there, and near a limit as if it could
-grow by 1 GiB/s (or 1000 tasks/s) at any moment: so the interval shrinks as the tree nears a
-limit (down to 5 ms, and at most 15% of a core) and the overshoot stays a few percent.
+at its current rate it takes about four samples to get there (down to 5 ms, at most 15% of a
+core), and a still one near a limit as if it could start growing by 1 GiB/s (or 1000
+tasks/s) at any moment (at most 3% of a core). So the interval shrinks as the tree nears a
+limit, and the overshoot stays a few percent.
 
 Besides the limits themselves, two rules end a tree as an OOM instead of leaving it to hang:
   - backstop: a process within 1/32 of the RLIMIT_DATA or RLIMIT_AS it was given is refused
@@ -52,7 +53,8 @@ INTERVAL_S = 0.05  # a still tree, and the first sample
 MIN_INTERVAL_S = 0.005
 MAX_INTERVAL_S = 1.0
 DUTY = 0.01  # a still tree's sampling may use 1% of a core: interval >= 100x a sample's cost
-GROWING_DUTY = 0.15  # ... a tree nearing a limit 15%, for as long as that lasts
+NEAR_DUTY = 0.03  # ... a still tree near a limit 3%
+GROWING_DUTY = 0.15  # ... a tree growing toward a limit 15%, for as long as that lasts
 STEPS = 4  # samples a growing tree gets, at its current rate, before it reaches a limit
 BURST_BYTES_PER_S = 1 << 30  # how fast a still tree might start growing
 BURST_TASKS_PER_S = 1000
@@ -135,9 +137,9 @@ class Watchdog:
 
     def _next_interval(self, now: float, took: float, memory: int, tasks: int) -> float:
         """Sparse while the tree is still and far from its limits, dense as it nears them."""
-        still = min(MAX_INTERVAL_S, max(INTERVAL_S, took / DUTY))
-        wanted = still
+        wanted = min(MAX_INTERVAL_S, max(INTERVAL_S, took / DUTY))
         elapsed = now - self._last[0] if self._last is not None else 0.0
+        growing = False
         for index, used, limit, burst in (
             (1, memory, self.memory_limit, BURST_BYTES_PER_S),
             (2, tasks, self.tasks_limit, BURST_TASKS_PER_S),
@@ -145,11 +147,14 @@ class Watchdog:
             if limit is None:
                 continue
             left = max(0, limit - used)
-            wanted = min(wanted, left / burst)
             if self._last is not None and elapsed > 0 and used > self._last[index]:
                 rate = (used - self._last[index]) / elapsed
                 wanted = min(wanted, left / rate / STEPS)
-        return max(wanted, MIN_INTERVAL_S, took / GROWING_DUTY)
+                growing = True
+            else:
+                wanted = min(wanted, left / burst)
+        # A tree parked near a limit costs at most NEAR_DUTY; only growth buys GROWING_DUTY.
+        return max(wanted, MIN_INTERVAL_S, took / (GROWING_DUTY if growing else NEAR_DUTY))
 
     def _check_backstop(self, pid: int, share: proctree.Footprint) -> None:
         for name, used in (("RLIMIT_DATA", share.data), ("RLIMIT_AS", share.size)):

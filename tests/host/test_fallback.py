@@ -193,6 +193,49 @@ def test_three_growing_children_are_killed_for_memory(tmp_path: Path) -> None:
     assert all(int(path.read_text()) < 12 for path in tmp_path.glob("steps*"))
 
 
+THRASH = """
+import mmap, os, sys, time
+heap = bytearray(185 << 20)  # with the interpreter, ~94% of --mem 200M
+with open(sys.argv[1], "wb") as f:
+    f.write(os.urandom(1 << 20))
+    os.fsync(f.fileno())  # clean pages: the kernel may drop them
+fd = os.open(sys.argv[1], os.O_RDONLY)
+pages = mmap.mmap(fd, 1 << 20, prot=mmap.PROT_READ)
+pages.madvise(mmap.MADV_RANDOM)  # no read-ahead: one major fault per page
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:  # drop the file's pages, read them back: major faults
+    pages.madvise(mmap.MADV_DONTNEED)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    for offset in range(0, 1 << 20, 4096):
+        pages[offset]
+"""
+
+
+@pytest.mark.parametrize("setting", ["2", "off"])
+def test_a_tree_thrashing_near_mem_ends_as_oom(tmp_path: Path, setting: str) -> None:
+    """Near --mem and waiting on major faults (thousands/s here) for a whole window: an OOM,
+    not a run that sits until --timeout; AERO_OOM_PRESSURE=off keeps the old behaviour."""
+    report = tmp_path / "r.json"
+    args = [*RLIMIT, "--mem", "200M", "--timeout", "6", "--report", str(report)]
+    env = launcher_env(AERO_OOM_PRESSURE=setting)
+    proc = run_launcher([*args, "--", PY, "-c", THRASH, str(tmp_path / "file")], env=env)
+    data = read_report(report)
+    if setting == "off":
+        assert (proc.returncode, data["reason"]) == (124, "timeout"), proc.stderr
+        return
+    assert (proc.returncode, data["reason"]) == (137, "oom"), proc.stderr
+    assert data["sandbox"]["watchdog"]["verdict"].startswith("memory pressure: above 90%")
+    assert data["wall_s"] < 6
+
+
+def test_a_bad_pressure_window_is_a_usage_error() -> None:
+    env = launcher_env(AERO_OOM_PRESSURE="sometimes")
+    proc = run_launcher([*RLIMIT, "--mem", "1G", "--", "true"], env=env)
+    assert proc.returncode == 125
+    assert "AERO_OOM_PRESSURE" in proc.stderr and "off" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
 SHARED_PAGES = """
 import os, sys, time
 heap = bytearray(200 << 20)

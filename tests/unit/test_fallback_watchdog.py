@@ -23,6 +23,8 @@ class FakeProc:
         self.procs: dict[int, tuple[int, int, int, int, int, int]] = {}
         self.pss_reads = 0
         self.signals: list[tuple[int, set[int]]] = []
+        self.data: dict[int, int] = {}  # pid -> VmData, where a test sets it
+        self.major: dict[int, int] = {}  # pid -> major faults, where a test sets it
         self.pss_supported = True
 
     def add(
@@ -50,13 +52,13 @@ class FakeProc:
         if pid not in self.procs:
             return None
         ppid, start, *_, faults = self.procs[pid]
-        return proctree.ProcInfo(ppid, start, "S", faults)
+        return proctree.ProcInfo(ppid, start, "S", faults, self.major.get(pid, 0))
 
     def footprint(self, pid: int) -> proctree.Footprint | None:
         if pid not in self.procs:
             return None
         ppid, _start, rss, _pss, tasks, _faults = self.procs[pid]
-        return proctree.Footprint(rss, tasks, ppid)
+        return proctree.Footprint(rss, tasks, ppid, self.data.get(pid, 0))
 
     def proportional(self, pid: int) -> int | None:
         if not self.pss_supported:
@@ -197,3 +199,92 @@ def test_the_handoff_keeps_the_last_complete_list() -> None:
     finally:
         shared.close()
     assert shared.read() == []
+
+
+class Clock:
+    """Stands in for the `time` module the watchdog reads: wall and CPU time move by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def thread_time(self) -> float:
+        return 0.0  # samples cost nothing: the interval follows the tree alone
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake_clock = Clock()
+    monkeypatch.setattr(watchdog, "time", fake_clock)
+    return fake_clock
+
+
+def test_a_still_tree_far_from_its_limits_is_sampled_sparsely(fake: FakeProc, clock: Clock) -> None:
+    fake.add(200, LAUNCHER, 100 * M, tasks=2)
+    dog = Watchdog(LAUNCHER, 8 << 30, 1000)
+    dog.adopt(200, {GUARDIAN})
+    for _ in range(3):
+        dog.sample()
+        clock.now += dog.interval_s
+    assert dog.interval_s == watchdog.INTERVAL_S
+
+
+def test_a_tree_growing_toward_mem_is_sampled_densely(fake: FakeProc, clock: Clock) -> None:
+    """~1 GiB/s toward --mem 1G: each interval is at most a quarter of the time left at that
+    rate, so the sample that sees the tree over --mem comes soon after it crossed."""
+    dog = Watchdog(LAUNCHER, 1 << 30, None)
+    fake.add(200, LAUNCHER, 0)
+    dog.adopt(200, {GUARDIAN})
+    memory, intervals = 0, []
+    while memory <= 1 << 30:
+        dog.sample()
+        intervals.append(dog.interval_s)
+        clock.now += dog.interval_s
+        memory += int(dog.interval_s * (1 << 30))  # 1 GiB/s
+        fake.add(200, LAUNCHER, memory)
+    overshoot = dog.sample()[0] - (1 << 30)
+    assert overshoot <= 0.05 * (1 << 30), overshoot  # target 1.15x: the sampling's share
+    assert intervals[-1] <= 4 * watchdog.MIN_INTERVAL_S < intervals[0]
+
+
+def test_a_tree_near_its_pids_limit_is_sampled_often(fake: FakeProc, clock: Clock) -> None:
+    fake.add(200, LAUNCHER, tasks=54)
+    dog = Watchdog(LAUNCHER, None, 64)
+    dog.adopt(200, {GUARDIAN})
+    dog.sample()
+    assert dog.interval_s <= 10 / watchdog.BURST_TASKS_PER_S  # 10 tasks left: 10 ms
+
+
+def test_a_process_at_its_backstop_ends_the_run_as_an_oom(fake: FakeProc) -> None:
+    limit = 1324 * M  # RLIMIT_DATA at --mem 300M
+    fake.add(200, LAUNCHER, 50 * M)
+    dog = Watchdog(LAUNCHER, 300 * M, None, {"RLIMIT_DATA": limit})
+    dog.adopt(200, {GUARDIAN})
+    assert dog.over(*dog.sample()) is None
+    fake.data[200] = limit - 8 * M  # the kernel refuses its next allocation
+    assert dog.over(*dog.sample()) == "memory"
+    assert dog.verdict is not None and dog.verdict.startswith("backstop: process 200")
+
+
+def test_thrashing_near_mem_for_a_window_is_an_oom(fake: FakeProc, clock: Clock) -> None:
+    fake.add(200, LAUNCHER, 290 * M)  # 97% of --mem
+    dog = Watchdog(LAUNCHER, 300 * M, None, pressure_window_s=10.0)
+    dog.adopt(200, {GUARDIAN})
+    for second in range(12):
+        fake.major[200] = 300 * second  # 300 major faults/s, as Chromium at its limit
+        assert dog.over(*dog.sample()) is None or second >= 10
+        clock.now += 1.0
+    assert dog.over(*dog.sample()) == "memory"
+    assert dog.verdict is not None and dog.verdict.startswith("memory pressure")
+
+
+def test_a_busy_tree_near_mem_without_major_faults_lives(fake: FakeProc, clock: Clock) -> None:
+    fake.add(200, LAUNCHER, 290 * M)
+    dog = Watchdog(LAUNCHER, 300 * M, None, pressure_window_s=10.0)
+    dog.adopt(200, {GUARDIAN})
+    for second in range(30):
+        fake.major[200] = 5 * second  # a healthy build reads a file now and then
+        assert dog.over(*dog.sample()) is None
+        clock.now += 1.0

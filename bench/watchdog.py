@@ -173,8 +173,25 @@ def overshoot(case: str) -> tuple[str, int | None, int | None, float]:
             kernel = int(Path(cgroup, "memory.max_usage_in_bytes").read_text())
     finally:
         if cgroup is not None:
-            os.rmdir(cgroup)
+            remove_cgroup(cgroup)
     return data["reason"], data["peak_memory_bytes"], kernel, data["wall_s"]
+
+
+def remove_cgroup(cgroup: str) -> None:
+    """rmdir once empty. The launcher's guardian, released at its end, may still be exiting;
+    anything else left in it was started by this benchmark: kill it."""
+    procs = Path(cgroup, "cgroup.procs")
+    deadline = time.monotonic() + 5
+    while (left := procs.read_text().split()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in left:
+        try:
+            os.kill(int(pid), 9)
+        except ProcessLookupError:
+            pass
+    while procs.read_text().split() and time.monotonic() < deadline + 5:
+        time.sleep(0.05)
+    os.rmdir(cgroup)
 
 
 def main() -> None:

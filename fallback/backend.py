@@ -100,7 +100,7 @@ class RlimitBackend:
         # VM) a launcher at the command's priority waited 100-200 ms for a CPU between its
         # sample and its kill. So it runs at a higher priority where it may (root or
         # CAP_SYS_NICE), and the command gets back the caller's (child_setup).
-        self._nice = os.getpriority(os.PRIO_PROCESS, 0)
+        self._nice = _caller_nice()
         try:
             os.setpriority(os.PRIO_PROCESS, 0, max(-20, self._nice - WATCHDOG_NICE_BOOST))
         except OSError:
@@ -276,6 +276,15 @@ class RlimitBackend:
 def _alive(pid: int) -> bool:
     info = proctree.stat(pid)
     return info is not None and info.state not in "ZX"
+
+
+_caller_priority: list[int] = []  # read once: a retry prepares again, already boosted
+
+
+def _caller_nice() -> int:
+    if not _caller_priority:
+        _caller_priority.append(os.getpriority(os.PRIO_PROCESS, 0))
+    return _caller_priority[0]
 
 
 def _pressure_window() -> float | None:

@@ -407,7 +407,10 @@ def _user_limits() -> list[Check]:
     summary = f"processes (RLIMIT_NPROC): {_limit(soft)} (hard {_limit(hard)}), {used} tasks in use"
     details = {"soft": _limit(soft), "hard": _limit(hard), "tasks_in_use": used}
     if uid == 0:
-        nproc = Check("processes", "ok", summary + "; not enforced for root", details=details)
+        # docs/fallback.md, Pids: the rlimit backend can then only sample --pids.
+        root = "; not enforced for root, so the rlimit backend only samples --pids (a burst of"
+        root += " tasks shorter than its 5-50 ms interval can pass it; a cgroup backend binds)"
+        nproc = Check("processes", "ok", summary + root, details=details)
     elif soft != resource.RLIM_INFINITY and used > soft * 0.8:
         nproc = Check(
             "processes",

@@ -236,6 +236,20 @@ def test_a_bad_pressure_window_is_a_usage_error() -> None:
     assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
+def test_the_command_keeps_the_callers_priority() -> None:
+    """The launcher raises its own priority for the watchdog (root); the command must not."""
+    read_nice = "print(os.getpriority(os.PRIO_PROCESS, 0))"
+    args = ["nice", "-n", "3", *LAUNCHER, *RLIMIT, "-q", "--attempts", "2", "--"]
+    proc = subprocess.run(
+        [*args, PY, "-c", f"import os; {read_nice}"],
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout) == (0, "3\n"), proc.stderr
+
+
 SHARED_PAGES = """
 import os, sys, time
 heap = bytearray(200 << 20)

@@ -32,28 +32,11 @@ PIDS_FORMS = "a positive whole number of tasks, or unlimited"
 class Limits(Frozen):
     """None means no limit. `kill_after_s` is the grace between SIGTERM and SIGKILL."""
 
-    __slots__ = ("memory_bytes", "pids", "timeout_s", "kill_after_s", "address_space_bytes")
     memory_bytes: int | None
     pids: int | None
-    timeout_s: float | None
-    kill_after_s: float
-    address_space_bytes: int | None
-
-    def __init__(
-        self,
-        memory_bytes: int | None,
-        pids: int | None,
-        timeout_s: float | None = None,
-        kill_after_s: float = DEFAULT_KILL_AFTER_S,
-        address_space_bytes: int | None = None,
-    ) -> None:
-        self._init(
-            memory_bytes=memory_bytes,
-            pids=pids,
-            timeout_s=timeout_s,
-            kill_after_s=kill_after_s,
-            address_space_bytes=address_space_bytes,
-        )
+    timeout_s: float | None = None
+    kill_after_s: float = DEFAULT_KILL_AFTER_S
+    address_space_bytes: int | None = None
 
 
 def _number(text: str) -> float | None:

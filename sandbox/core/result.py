@@ -45,81 +45,24 @@ EXIT_MISSING_OUTPUT = 123
 class Usage(Frozen):
     """What the sandbox measured. None where this backend or kernel cannot tell."""
 
-    __slots__ = ("peak_memory_bytes", "oom_kills", "pids_limit_hits", "cpu_s")
-    peak_memory_bytes: int | None
-    oom_kills: int | None
-    pids_limit_hits: int | None
-    cpu_s: float | None
-
-    def __init__(
-        self,
-        peak_memory_bytes: int | None = None,
-        oom_kills: int | None = None,
-        pids_limit_hits: int | None = None,
-        cpu_s: float | None = None,
-    ) -> None:
-        self._init(
-            peak_memory_bytes=peak_memory_bytes,
-            oom_kills=oom_kills,
-            pids_limit_hits=pids_limit_hits,
-            cpu_s=cpu_s,
-        )
+    peak_memory_bytes: int | None = None
+    oom_kills: int | None = None
+    pids_limit_hits: int | None = None
+    cpu_s: float | None = None
 
 
-class RunResult(Frozen):
-    __slots__ = (
-        "reason",
-        "exit_code",
-        "child_exit_code",
-        "signal",
-        "wall_s",
-        "usage",
-        "limits",
-        "attempts",
-        "sandbox",
-        "killed_after_grace",
-        "detail",
-    )
+class RunResult(Frozen, kw_only=True):
     reason: str
     exit_code: int
-    child_exit_code: int | None
-    signal: int | None
+    child_exit_code: int | None = None
+    signal: int | None = None
     wall_s: float
     usage: Usage
     limits: Limits
-    attempts: int
+    attempts: int = 1
     sandbox: dict[str, Any]
-    killed_after_grace: bool
-    detail: str | None
-
-    def __init__(
-        self,
-        *,
-        reason: str,
-        exit_code: int,
-        wall_s: float,
-        usage: Usage,
-        limits: Limits,
-        sandbox: dict[str, Any],
-        child_exit_code: int | None = None,
-        signal: int | None = None,
-        attempts: int = 1,
-        killed_after_grace: bool = False,
-        detail: str | None = None,
-    ) -> None:
-        self._init(
-            reason=reason,
-            exit_code=exit_code,
-            child_exit_code=child_exit_code,
-            signal=signal,
-            wall_s=wall_s,
-            usage=usage,
-            limits=limits,
-            attempts=attempts,
-            sandbox=sandbox,
-            killed_after_grace=killed_after_grace,
-            detail=detail,
-        )
+    killed_after_grace: bool = False
+    detail: str | None = None
 
 
 def classify(

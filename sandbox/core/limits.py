@@ -114,6 +114,11 @@ def parse_pids(text: str, what: str = "--pids") -> int | None:
     return int(raw)
 
 
+def smaller(first: int | None, second: int | None) -> int | None:
+    """The tighter of two limits, None meaning no limit."""
+    return second if first is None else first if second is None else min(first, second)
+
+
 def format_size(value: int | None) -> str:
     if value is None:
         return "unlimited"

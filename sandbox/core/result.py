@@ -1,4 +1,6 @@
-"""How a run ended: the reason, the exit status we return, the stderr line, the JSON report."""
+"""How a run ended: the reason, the exit status we return, the stderr line.
+
+The JSON report made of it: sandbox/report.py (write_report, below, writes the file)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,6 @@ if TYPE_CHECKING:
 else:
     # The C half of `signal`: the module `signal` wraps it in enums, ~4 ms of start-up.
     import _signal
-
-REPORT_VERSION = 1
 
 
 class Reason:
@@ -130,34 +130,6 @@ def message(result: RunResult) -> str | None:
     ):
         return result.detail
     return None
-
-
-def report(
-    result: RunResult, argv: list[str], backend: str, choice: dict[str, Any]
-) -> dict[str, Any]:
-    """The JSON report (schema in README.md). Unknown values are null, never guessed."""
-    usage = result.usage
-    return {
-        "version": REPORT_VERSION,
-        "command": argv,
-        "backend": backend,
-        "reason": result.reason,
-        "exit_code": result.exit_code,
-        "child_exit_code": result.child_exit_code,
-        "signal": result.signal,
-        "signal_name": signal_name(result.signal) if result.signal else None,
-        "wall_s": round(result.wall_s, 6),
-        "cpu_s": None if usage.cpu_s is None else round(usage.cpu_s, 6),
-        "peak_memory_bytes": usage.peak_memory_bytes,
-        "oom_kills": usage.oom_kills,
-        "pids_limit_hits": usage.pids_limit_hits,
-        "attempts": result.attempts,
-        "killed_after_grace": result.killed_after_grace,
-        "limits": result.limits.as_dict(),
-        "sandbox": result.sandbox,
-        "backend_choice": choice,
-        "detail": result.detail,
-    }
 
 
 def write_report(path: str, data: dict[str, Any]) -> None:

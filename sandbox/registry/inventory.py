@@ -21,6 +21,7 @@ from sandbox.cgroups import cgroupfs
 from sandbox.cgroups.enclosing import enclosing_memory_limit
 from sandbox.core import identity
 from sandbox.core.errors import UsageError
+from sandbox.core.limits import smaller
 from sandbox.registry import store as registry
 
 _V1_UNLIMITED = 1 << 60
@@ -74,7 +75,7 @@ def _row(
         parent = os.path.dirname(memory_dir)
         if parent not in limits_above:  # sandboxes share parents: read each parent chain once
             limits_above[parent] = enclosing_memory_limit(parent)[0]
-        effective = _smaller(limit, limits_above[parent])
+        effective = smaller(limit, limits_above[parent])
     if cgroups:
         tasks = _tasks(cgroups)
     elif live:
@@ -177,10 +178,6 @@ class ProcessTable:
             rss, threads = rss + resident, threads + count
             todo += self._children.get(pid, [])
         return rss, threads
-
-
-def _smaller(first: int | None, second: int | None) -> int | None:
-    return second if first is None else first if second is None else min(first, second)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

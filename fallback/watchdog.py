@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 
 from fallback import proctree
+from sandbox.core import procfs
 
 INTERVAL_S = 0.1  # a tree growing 300 MB/s overshoots by ~30 MB before it is seen
 MAX_INTERVAL_S = 1.0
@@ -54,7 +55,7 @@ class Watchdog:
 
     def adopt(self, main: int, excluded: set[int]) -> None:
         """The main child is known; `excluded` are the launcher's other children (the guardian)."""
-        info = proctree.stat(main)
+        info = procfs.stat(main)
         if info is not None:
             self.members[main] = info.start
         self._excluded = excluded
@@ -86,7 +87,7 @@ class Watchdog:
         return memory, tasks
 
     def _discover(self) -> None:
-        present = proctree.pids()
+        present = procfs.pids()
         current = set(present)
         for pid in [pid for pid in self.members if pid not in current]:
             del self.members[pid]
@@ -94,7 +95,7 @@ class Watchdog:
         new = {}
         for pid in present:
             if pid not in self.members and pid not in self._outsiders:
-                info = proctree.stat(pid)
+                info = procfs.stat(pid)
                 if info is not None:
                     new[pid] = info
         # A parent may be new too: repeat until no process joins (a child never precedes its
@@ -118,7 +119,7 @@ class Watchdog:
             return rss_sum
         faults = {}
         for pid in self.members:
-            info = proctree.stat(pid)
+            info = procfs.stat(pid)
             faults[pid] = info.faults if info is not None else 0
         if self._basis is not None:
             pss, then_sum, then_faults = self._basis

@@ -119,13 +119,14 @@ def smaller(first: int | None, second: int | None) -> int | None:
     return second if first is None else first if second is None else min(first, second)
 
 
-def format_size(value: int | None) -> str:
+def format_size(value: int | None, compact: bool = False) -> str:
+    """`1.5 GiB`, or `1.5G` when compact (table columns); `unlimited` for None."""
     if value is None:
         return "unlimited"
-    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if value >= size:
-            return f"{value / size:.1f} {unit}"
-    return f"{value} B"
+            return f"{value / size:.1f}{unit}" if compact else f"{value / size:.1f} {unit}iB"
+    return f"{value}B" if compact else f"{value} B"
 
 
 def format_duration(seconds: float | None) -> str:

@@ -71,7 +71,7 @@ class RlimitBackend:
         chosen = backstop(argv, limits.memory_bytes, limits.address_space_bytes)
         self._why = chosen.why
         wanted = {"RLIMIT_AS": chosen.address_space, "RLIMIT_DATA": chosen.data}
-        nproc = limits.pids is not None and _nproc_applies()
+        nproc = limits.pids is not None and procfs.nproc_applies()
         if nproc and limits.pids is not None:
             # +1: the guardian, forked after this count, is the user's too.
             wanted["RLIMIT_NPROC"] = procfs.user_tasks(os.getuid()) + 1 + limits.pids
@@ -229,12 +229,3 @@ class RlimitBackend:
 def _alive(pid: int) -> bool:
     info = procfs.stat(pid)
     return info is not None and info.state not in "ZX"
-
-
-def _nproc_applies() -> bool:
-    """RLIMIT_NPROC binds everyone but root of the initial user namespace (and holders of
-    CAP_SYS_RESOURCE/CAP_SYS_ADMIN there); root inside a user namespace is bound too."""
-    if os.getuid() != 0:
-        return True
-    data = procfs.read(f"{procfs.PROC}/self/uid_map") or b""
-    return data.split() != [b"0", b"0", b"4294967295"]

@@ -231,3 +231,12 @@ def remove_stale(parent: str) -> list[str]:
         except OSError:
             pass
     return removed
+
+
+def cgroup_mode(versions: set[int]) -> str:
+    """The name of a mix of cgroup versions (hierarchies mounted, or a sandbox's cgroups)."""
+    if versions == {2}:
+        return "v2"
+    if versions == {1, 2}:
+        return "hybrid"
+    return "v1" if versions == {1} else "none"

@@ -93,3 +93,12 @@ def user_tasks(uid: int) -> int:
         if data and field(data, b"\nUid:") == uid:  # the first Uid is the real one
             total += field(data, b"\nThreads:")
     return total
+
+
+def nproc_applies() -> bool:
+    """RLIMIT_NPROC binds everyone but root of the initial user namespace (and holders of
+    CAP_SYS_RESOURCE/CAP_SYS_ADMIN there); root inside a user namespace is bound too."""
+    if os.getuid() != 0:
+        return True
+    data = read(f"{PROC}/self/uid_map") or b""
+    return data.split() != [b"0", b"0", b"4294967295"]

@@ -36,8 +36,8 @@ class _FrozenFields(type):
         mcs, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **options: Any
     ) -> _FrozenFields:
         if "__slots__" not in namespace:
-            annotations: dict[str, str] = namespace.get("__annotations__", {})
-            names = tuple(n for n, kind in annotations.items() if not kind.startswith("ClassVar"))
+            annotations: dict[str, object] = namespace.get("__annotations__", {})
+            names = tuple(n for n, kind in annotations.items() if "ClassVar" not in str(kind))
             namespace["_defaults"] = {n: namespace.pop(n) for n in names if n in namespace}
             namespace["__slots__"] = names
         return super().__new__(mcs, name, bases, namespace)
@@ -48,25 +48,36 @@ class Frozen(metaclass=_FrozenFields):
     _defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, *args: Any, **values: Any) -> None:
+        if args:
+            values = self._with_positional(args, values)
+        defaults = self._defaults
+        set_field = object.__setattr__
+        used = 0
+        for name in self.__slots__:
+            if name in values:
+                set_field(self, name, values[name])
+                used += 1
+            elif name in defaults:
+                set_field(self, name, defaults[name])
+            else:
+                raise TypeError(f"{type(self).__name__} needs a value for {name}")
+        if used < len(values):
+            unknown = ", ".join(sorted(values.keys() - set(self.__slots__)))
+            raise TypeError(f"{type(self).__name__} has no field {unknown}")
+
+    def _with_positional(self, args: tuple[Any, ...], values: dict[str, Any]) -> dict[str, Any]:
         names: tuple[str, ...] = self.__slots__
         if len(args) > len(names):
-            raise TypeError(f"{type(self).__name__} takes {len(names)} fields, got {len(args)}")
+            raise TypeError(f"{type(self).__name__} takes {len(names)} fields, not {len(args)}")
         given = dict(zip(names, args, strict=False))
-        if given.keys() & values.keys():
-            twice = ", ".join(sorted(given.keys() & values.keys()))
-            raise TypeError(f"{type(self).__name__} got {twice} twice")
-        values.update(given)
-        unknown = values.keys() - set(names)
-        if unknown:
-            raise TypeError(f"{type(self).__name__} has no field {', '.join(sorted(unknown))}")
-        self._init(**{**self._defaults, **values})
+        twice = given.keys() & values.keys()
+        if twice:
+            raise TypeError(f"{type(self).__name__} got {', '.join(sorted(twice))} twice")
+        return {**values, **given}
 
     def _init(self, **values: Any) -> None:
-        names: tuple[str, ...] = self.__slots__
-        for name in names:
-            if name not in values:
-                raise TypeError(f"{type(self).__name__} needs a value for {name}")
-            object.__setattr__(self, name, values[name])
+        """For a class with its own `__init__`: set every field from keywords."""
+        Frozen.__init__(self, **values)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")

@@ -50,10 +50,11 @@ class Frozen(metaclass=_FrozenFields):
     def __init__(self, *args: Any, **values: Any) -> None:
         if args:
             values = self._with_positional(args, values)
+        names: tuple[str, ...] = self.__slots__
         defaults = self._defaults
         set_field = object.__setattr__
         used = 0
-        for name in self.__slots__:
+        for name in names:
             if name in values:
                 set_field(self, name, values[name])
                 used += 1
@@ -62,7 +63,7 @@ class Frozen(metaclass=_FrozenFields):
             else:
                 raise TypeError(f"{type(self).__name__} needs a value for {name}")
         if used < len(values):
-            unknown = ", ".join(sorted(values.keys() - set(self.__slots__)))
+            unknown = ", ".join(sorted(values.keys() - set(names)))
             raise TypeError(f"{type(self).__name__} has no field {unknown}")
 
     def _with_positional(self, args: tuple[Any, ...], values: dict[str, Any]) -> dict[str, Any]:

@@ -6,13 +6,13 @@ import os
 import sys
 import time
 
-from sandbox import report
 from sandbox.backends import selection
 from sandbox.core.errors import BackendUnavailable, SandboxError
 from sandbox.core.limits import Limits, format_duration, format_size
 from sandbox.core.result import (
     EXIT_ERROR,
     EXIT_MISSING_OUTPUT,
+    Attempt,
     Reason,
     RunResult,
     Usage,
@@ -71,6 +71,8 @@ def execute(request: RunRequest) -> int:
     if request.verbosity > 0 and result.reason != Reason.ERROR:
         say(request, _summary(result), 1)
     if request.report:
+        from sandbox import report  # only when asked for: not on every run's path
+
         data = report.build(request, attempt, result, retried_for, problems)
         report.write(request.report, data)
     return result.exit_code
@@ -78,7 +80,7 @@ def execute(request: RunRequest) -> int:
 
 def _attempt(
     request: RunRequest, limits: Limits, relay: Relay | None, start: float
-) -> report.Attempt:
+) -> Attempt:
     backend_name = request.backend
     choice: dict[str, Any] = {"requested": request.backend}
     not_enforced: list[str] = []
@@ -120,7 +122,13 @@ def _attempt(
             sandbox={},
             detail=err.line(),
         )
-    return report.Attempt(result, backend_name, choice, not_enforced, enclosing)
+    return Attempt(
+        result=result,
+        backend_name=backend_name,
+        choice=choice,
+        not_enforced=not_enforced,
+        enclosing=enclosing,
+    )
 
 
 def _supervised(
@@ -139,7 +147,7 @@ def _supervised(
         relay.finish()
 
 
-def _with_retries(request: RunRequest, start: float) -> tuple[report.Attempt, list[str]]:
+def _with_retries(request: RunRequest, start: float) -> tuple[Attempt, list[str]]:
     """Run up to request.attempts times: again only after a transient resource failure.
 
     Each attempt is a fresh sandbox. --timeout bounds the whole run: an attempt gets what is
@@ -178,10 +186,10 @@ def _with_retries(request: RunRequest, start: float) -> tuple[report.Attempt, li
         if deadline is not None:
             left = deadline - time.monotonic()
             limits = Limits(**{**request.limits.as_dict(), "timeout_s": left})
-    attempt.result = _replace(
+    final = _replace(
         result, attempts=number, limits=request.limits, wall_s=time.monotonic() - start
     )
-    return attempt, retried_for
+    return Attempt(**{**attempt.as_dict(), "result": final}), retried_for
 
 
 def _replace(result: RunResult, **changes: Any) -> RunResult:

@@ -1,9 +1,10 @@
 """The JSON report of a run (`--report FILE`): every key is made here, nowhere else.
 
-`build` takes what the launcher knows at the end (the request, the record of the last attempt,
-the run's final result, the patterns retries were made for, what --expect found) and returns the
-report; its schema is the table in README.md, which tests/unit/test_report.py checks against
-the keys written. Unknown values are null, never guessed.
+`build` takes what the launcher knows at the end: the request, the record of the last attempt
+(core/result.py's Attempt), the run's final result, the patterns retries were made for, and what
+--expect found. Its schema is the table in README.md, which tests/unit/test_report.py checks
+against the keys written. Unknown values are null, never guessed. Imported only when a report
+is asked for.
 """
 
 from __future__ import annotations
@@ -17,32 +18,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from sandbox.core.result import RunResult
+    from sandbox.core.result import Attempt, RunResult
     from sandbox.options import RunRequest
 
 REPORT_VERSION = 1
-
-
-class Attempt:
-    """One run of the command in a fresh sandbox, and how its backend was chosen."""
-
-    __slots__ = ("result", "backend_name", "choice", "not_enforced", "enclosing")
-
-    def __init__(
-        self,
-        result: RunResult,
-        backend_name: str,
-        choice: dict[str, Any],
-        not_enforced: list[str],
-        enclosing: tuple[int | None, str | None] = (None, None),
-    ) -> None:
-        self.result = result
-        self.backend_name = backend_name
-        # selection.prepare's record: requested, chosen, refused, notices (only {"requested"}
-        # when no backend could be prepared).
-        self.choice = choice
-        self.not_enforced = not_enforced
-        self.enclosing = enclosing  # (bytes, cgroup) of a memory limit above the sandbox
 
 
 def build(

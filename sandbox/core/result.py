@@ -65,6 +65,19 @@ class RunResult(Frozen, kw_only=True):
     detail: str | None = None
 
 
+class Attempt(Frozen, kw_only=True):
+    """One run of the command in a fresh sandbox, and how its backend was chosen (the report's
+    backend, backend_choice, not_enforced and enclosing-limit keys come from here)."""
+
+    result: RunResult
+    backend_name: str
+    # selection.prepare's record: requested, chosen, refused, notices (only {"requested"} when
+    # no backend could be prepared)
+    choice: dict[str, Any]
+    not_enforced: list[str]
+    enclosing: tuple[int | None, str | None] = (None, None)  # (bytes, cgroup) of a limit above
+
+
 def classify(
     status: int, ended_by: str | None, usage: Usage, limits: Limits
 ) -> tuple[str, int, int | None, int | None]:

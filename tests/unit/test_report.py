@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sandbox import report
 from sandbox.core.limits import Limits
-from sandbox.core.result import RunResult, Usage
+from sandbox.core.result import Attempt, RunResult, Usage
 from sandbox.options import parse_run
 from tests.conftest import ROOT, read_report, run_launcher
 
@@ -55,8 +55,12 @@ def test_report_built_from_a_result_matches_the_readme_table() -> None:
         sandbox={"cgroups": {"memory": "/sys/fs/cgroup/x"}, "cgroup_mode": "v2"},
     )
     choice = {"requested": "auto", "chosen": "cgroup", "refused": {"systemd": "why"}}
-    attempt = report.Attempt(
-        result, "cgroup", {**choice, "notices": ["why"]}, ["pids"], (512 << 20, "/sys/fs/a")
+    attempt = Attempt(
+        result=result,
+        backend_name="cgroup",
+        choice={**choice, "notices": ["why"]},
+        not_enforced=["pids"],
+        enclosing=(512 << 20, "/sys/fs/a"),
     )
     data = report.build(request, attempt, result, ["EAGAIN (os error 11)"], ["out is missing"])
     check(data)

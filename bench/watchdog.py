@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from fallback import proctree  # noqa: E402
 from fallback.watchdog import Watchdog  # noqa: E402
+from sandbox.core import procfs  # noqa: E402
 from sandbox.core.limits import parse_size  # noqa: E402
 
 # argv: children, MB per step, seconds per step, steps. bytearray() zero-fills: every page is
@@ -121,7 +122,7 @@ def pss_cost(procs: list[subprocess.Popen[bytes]]) -> tuple[float, float]:
     """(ms per PSS read of the whole tree, resident GB it covered)."""
     resident = 0
     for proc in procs:
-        data = proctree.read(f"/proc/{proc.pid}/statm") or b"0 0"
+        data = procfs.read(f"/proc/{proc.pid}/statm") or b"0 0"
         resident += int(data.split()[1]) * os.sysconf("SC_PAGE_SIZE")
     before = time.thread_time()
     rounds = 5

@@ -82,13 +82,9 @@ def with_headroom(memory_bytes: int) -> int:
 class Backstop(Frozen):
     """The rlimits to set in the child (None: leave the inherited one) and why."""
 
-    __slots__ = ("address_space", "data", "why")
     address_space: int | None
     data: int | None
     why: str
-
-    def __init__(self, address_space: int | None, data: int | None, why: str) -> None:
-        self._init(address_space=address_space, data=data, why=why)
 
 
 def backstop(argv: list[str], memory_bytes: int | None, requested: int | None) -> Backstop:

@@ -27,7 +27,7 @@ from fallback import proctree
 from fallback.address_space import backstop
 from fallback.handoff import Handoff
 from fallback.watchdog import INTERVAL_S, Watchdog
-from sandbox.core import identity
+from sandbox.core import identity, procfs
 from sandbox.core.errors import BackendUnavailable, SandboxError, UsageError
 from sandbox.core.limits import Limits, parse_duration
 from sandbox.core.result import Reason, Usage
@@ -70,7 +70,7 @@ class RlimitBackend:
 
     # -- prepare ------------------------------------------------------------------------------
     def prepare(self, limits: Limits, argv: list[str]) -> None:
-        if not os.path.isdir(f"{proctree.PROC}/self/task"):
+        if not os.path.isdir(f"{procfs.PROC}/self/task"):
             raise BackendUnavailable(
                 "rlimit", "/proc is not mounted", "mount it: mount -t proc proc /proc"
             )
@@ -79,10 +79,10 @@ class RlimitBackend:
         chosen = backstop(argv, limits.memory_bytes, limits.address_space_bytes)
         self._why = chosen.why
         wanted = {"RLIMIT_AS": chosen.address_space, "RLIMIT_DATA": chosen.data}
-        nproc = limits.pids is not None and _nproc_applies()
+        nproc = limits.pids is not None and procfs.nproc_applies()
         if nproc and limits.pids is not None:
             # +1: the guardian, forked after this count, is the user's too.
-            wanted["RLIMIT_NPROC"] = _user_tasks(os.getuid()) + 1 + limits.pids
+            wanted["RLIMIT_NPROC"] = procfs.user_tasks(os.getuid()) + 1 + limits.pids
         for name, value in wanted.items():
             if value is not None:
                 # Never above the inherited hard limit: only CAP_SYS_RESOURCE may raise it.
@@ -205,7 +205,7 @@ class RlimitBackend:
         """
         roots: set[int] = set()
         for pid, start in self._handoff.read() if self._handoff is not None else []:
-            info = proctree.stat(pid)
+            info = procfs.stat(pid)
             if info is not None and info.start == start:
                 roots.add(pid)
         stopped: set[int] = set()
@@ -274,7 +274,7 @@ class RlimitBackend:
 
 
 def _alive(pid: int) -> bool:
-    info = proctree.stat(pid)
+    info = procfs.stat(pid)
     return info is not None and info.state not in "ZX"
 
 
@@ -299,21 +299,3 @@ def _pressure_window() -> float | None:
     except UsageError as err:
         raise UsageError(f"{err.line()} or off") from None
 
-
-def _nproc_applies() -> bool:
-    """RLIMIT_NPROC binds everyone but root of the initial user namespace (and holders of
-    CAP_SYS_RESOURCE/CAP_SYS_ADMIN there); root inside a user namespace is bound too."""
-    if os.getuid() != 0:
-        return True
-    data = proctree.read(f"{proctree.PROC}/self/uid_map") or b""
-    return data.split() != [b"0", b"0", b"4294967295"]
-
-
-def _user_tasks(uid: int) -> int:
-    """Tasks (threads) of processes whose real uid is `uid`: what RLIMIT_NPROC counts."""
-    total = 0
-    for pid in proctree.pids():
-        data = proctree.read(f"{proctree.PROC}/{pid}/status")
-        if data and proctree.field(data, b"\nUid:") == uid:  # the first Uid is the real one
-            total += proctree.field(data, b"\nThreads:")
-    return total

@@ -2,70 +2,17 @@
 
 Read directly rather than through psutil: on this project's 2-core VM, psutil's
 `children(recursive=True)` plus `memory_info()` for 50 processes costs 4.3-4.8 ms a sample,
-these reads 1.2 ms (bench/watchdog.py). Small raw reads (os.open/os.read) avoid Python's
-buffered file objects on the hot path.
-
-A pid alone is not an identity (pids are reused): whoever keeps one also keeps its start time
-(field 22 of /proc/PID/stat, in clock ticks since boot) and compares it before trusting it.
+these reads 1.2 ms (bench/watchdog.py). The /proc reading itself (small raw reads, the stat
+parser, pid identity by start time) is sandbox/core/procfs.py, shared with `list` and `doctor`.
 """
 
 from __future__ import annotations
 
 import os
 
-PROC = "/proc"
+from sandbox.core.procfs import PROC, ProcInfo, field, pids, read, stat
+
 KIB = 1024
-
-
-class ProcInfo:
-    """The fields of /proc/PID/stat we use."""
-
-    __slots__ = ("ppid", "start", "state", "faults", "major_faults")
-
-    def __init__(
-        self, ppid: int, start: int, state: str, faults: int = 0, major_faults: int = 0
-    ) -> None:
-        self.ppid = ppid
-        self.start = start
-        self.state = state  # "Z" zombie, "X" dead: gone for every purpose here
-        self.faults = faults  # page faults, minor + major, of all its threads so far
-        self.major_faults = major_faults  # of those, the ones that had to wait for a read
-
-
-def read(path: str, size: int = 8192) -> bytes | None:
-    """A small /proc file, or None when it (or its process) is gone or not ours to read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, size)
-        if len(data) < size:  # the usual case: one read, no second one to see the end
-            return data
-        chunks = [data]
-        while chunk := os.read(fd, size):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError:  # ESRCH: the process exited between open and read
-        return None
-    finally:
-        os.close(fd)
-
-
-def pids() -> list[int]:
-    """Every process (thread-group leader) this /proc shows."""
-    return [int(name) for name in os.listdir(PROC) if name.isdigit()]
-
-
-def stat(pid: int) -> ProcInfo | None:
-    data = read(f"{PROC}/{pid}/stat")
-    if not data:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ")".
-    fields = data[data.rfind(b")") + 2 :].split()
-    # Fields 4 (ppid), 10 (minflt), 12 (majflt), 22 (starttime), counted from 3 (state).
-    minor, major = int(fields[7]), int(fields[9])
-    return ProcInfo(int(fields[1]), int(fields[19]), fields[0].decode(), minor + major, major)
 
 
 def table() -> dict[int, ProcInfo]:
@@ -103,16 +50,6 @@ def descendants(procs: dict[int, ProcInfo], roots: set[int]) -> set[int]:
             found.add(pid)
             stack += children.get(pid, [])
     return found
-
-
-def field(data: bytes, key: bytes) -> int:
-    """The first number after `key` in a `Key:   value [kB]` file; 0 when the key is absent."""
-    start = data.find(key)
-    if start < 0:
-        return 0
-    start += len(key)
-    end = data.find(b"\n", start)
-    return int(data[start : end if end >= 0 else None].split()[0])
 
 
 class Footprint:

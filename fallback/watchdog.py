@@ -42,6 +42,7 @@ from __future__ import annotations
 import time
 
 from fallback import proctree
+from sandbox.core import procfs
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ class Watchdog:
 
     def adopt(self, main: int, excluded: set[int]) -> None:
         """The main child is known; `excluded` are the launcher's other children (the guardian)."""
-        info = proctree.stat(main)
+        info = procfs.stat(main)
         if info is not None:
             self.members[main] = info.start
         self._excluded = excluded
@@ -174,7 +175,7 @@ class Watchdog:
             return
         faults = {}
         for pid in self.members:
-            info = proctree.stat(pid)
+            info = procfs.stat(pid)
             faults[pid] = info.major_faults if info is not None else 0
         if self._pressure_since is None:
             self._pressure_since = (now, faults)
@@ -192,7 +193,7 @@ class Watchdog:
             self._pressure_since = (now, faults)
 
     def _discover(self) -> None:
-        present = proctree.pids()
+        present = procfs.pids()
         current = set(present)
         for pid in [pid for pid in self.members if pid not in current]:
             del self.members[pid]
@@ -200,7 +201,7 @@ class Watchdog:
         new = {}
         for pid in present:
             if pid not in self.members and pid not in self._outsiders:
-                info = proctree.stat(pid)
+                info = procfs.stat(pid)
                 if info is not None:
                     new[pid] = info
         # A parent may be new too: repeat until no process joins (a child never precedes its
@@ -224,7 +225,7 @@ class Watchdog:
             return rss_sum
         faults, running = {}, set()
         for pid in self.members:
-            info = proctree.stat(pid)
+            info = procfs.stat(pid)
             faults[pid] = info.faults if info is not None else 0
             if info is not None and info.state not in "TtZX":
                 running.add(pid)

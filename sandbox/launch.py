@@ -12,13 +12,12 @@ from sandbox.core.limits import Limits, format_duration, format_size
 from sandbox.core.result import (
     EXIT_ERROR,
     EXIT_MISSING_OUTPUT,
+    Attempt,
     Reason,
     RunResult,
     Usage,
     message,
-    report,
     signal_name,
-    write_report,
 )
 from sandbox.options import RunRequest
 from sandbox.run import supervisor
@@ -72,34 +71,16 @@ def execute(request: RunRequest) -> int:
     if request.verbosity > 0 and result.reason != Reason.ERROR:
         say(request, _summary(result), 1)
     if request.report:
-        data = report(result, request.argv, attempt.backend_name, attempt.choice)
-        data["not_enforced"] = attempt.not_enforced
-        # Only the rlimit backend applies --as, and says which cap it chose (None elsewhere).
-        data["limits"]["address_space_bytes"] = result.sandbox.get("address_space_bytes")
-        data["launcher_pid"] = os.getpid()
-        data["effective_memory_bytes"] = _smaller(request.limits.memory_bytes, attempt.enclosing[0])
-        data["enclosing_memory"] = {"bytes": attempt.enclosing[0], "cgroup": attempt.enclosing[1]}
-        data["retried_for"] = retried_for
-        if request.expect:
-            data["expect"] = {"paths": request.expect, "problems": problems}
-        write_report(request.report, data)
+        from sandbox import report  # only when asked for: not on every run's path
+
+        data = report.build(request, attempt, result, retried_for, problems)
+        report.write(request.report, data)
     return result.exit_code
 
 
-class _Attempt:
-    """One run in a fresh sandbox, and how its backend was chosen."""
-
-    def __init__(
-        self, result: RunResult, backend_name: str, choice: dict[str, Any], not_enforced: list[str]
-    ) -> None:
-        self.result = result
-        self.backend_name = backend_name
-        self.choice = choice
-        self.not_enforced = not_enforced
-        self.enclosing: tuple[int | None, str | None] = (None, None)  # a cgroup's limit above
-
-
-def _attempt(request: RunRequest, limits: Limits, relay: Relay | None, start: float) -> _Attempt:
+def _attempt(
+    request: RunRequest, limits: Limits, relay: Relay | None, start: float
+) -> Attempt:
     backend_name = request.backend
     choice: dict[str, Any] = {"requested": request.backend}
     not_enforced: list[str] = []
@@ -141,9 +122,13 @@ def _attempt(request: RunRequest, limits: Limits, relay: Relay | None, start: fl
             sandbox={},
             detail=err.line(),
         )
-    attempt = _Attempt(result, backend_name, choice, not_enforced)
-    attempt.enclosing = enclosing
-    return attempt
+    return Attempt(
+        result=result,
+        backend_name=backend_name,
+        choice=choice,
+        not_enforced=not_enforced,
+        enclosing=enclosing,
+    )
 
 
 def _supervised(
@@ -162,7 +147,7 @@ def _supervised(
         relay.finish()
 
 
-def _with_retries(request: RunRequest, start: float) -> tuple[_Attempt, list[str]]:
+def _with_retries(request: RunRequest, start: float) -> tuple[Attempt, list[str]]:
     """Run up to request.attempts times: again only after a transient resource failure.
 
     Each attempt is a fresh sandbox. --timeout bounds the whole run: an attempt gets what is
@@ -201,10 +186,10 @@ def _with_retries(request: RunRequest, start: float) -> tuple[_Attempt, list[str
         if deadline is not None:
             left = deadline - time.monotonic()
             limits = Limits(**{**request.limits.as_dict(), "timeout_s": left})
-    attempt.result = _replace(
+    final = _replace(
         result, attempts=number, limits=request.limits, wall_s=time.monotonic() - start
     )
-    return attempt, retried_for
+    return Attempt(**{**attempt.as_dict(), "result": final}), retried_for
 
 
 def _replace(result: RunResult, **changes: Any) -> RunResult:
@@ -257,10 +242,6 @@ def _enclosing_limit(request: RunRequest, sandbox: dict[str, Any]) -> tuple[int 
 
 
 _SAID: set[str] = set()
-
-
-def _smaller(first: int | None, second: int | None) -> int | None:
-    return second if first is None else first if second is None else min(first, second)
 
 
 def _summary(result: RunResult) -> str:

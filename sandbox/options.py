@@ -30,17 +30,11 @@ if TYPE_CHECKING:
 
 
 class Option(Frozen):
-    __slots__ = ("flags", "dest", "metavar", "env", "help")
     flags: tuple[str, ...]
     dest: str
     metavar: str | None  # None: a flag without a value
     env: str | None
     help: str
-
-    def __init__(
-        self, flags: tuple[str, ...], dest: str, metavar: str | None, env: str | None, help: str
-    ) -> None:
-        self._init(flags=flags, dest=dest, metavar=metavar, env=env, help=help)
 
 
 OPTIONS = (
@@ -134,11 +128,6 @@ REPEATABLE = frozenset({"expect"})  # every occurrence counts, not only the last
 
 
 class RunRequest(Frozen):
-    __slots__ = (
-        "argv", "limits", "backend", "report", "verbosity", "preset", "attempts", "expect",
-        "parent",
-        "slice",
-    )
     argv: list[str]
     limits: Limits
     backend: str
@@ -149,32 +138,6 @@ class RunRequest(Frozen):
     expect: list[str]
     parent: str | None  # --parent: the cgroup every sandbox of a shared budget goes under
     slice: str | None  # --slice: the systemd slice every sandbox of a shared budget goes in
-
-    def __init__(
-        self,
-        argv: list[str],
-        limits: Limits,
-        backend: str,
-        report: str | None,
-        verbosity: int,
-        preset: str | None = None,
-        attempts: int = 1,
-        expect: list[str] | None = None,
-        parent: str | None = None,
-        slice: str | None = None,
-    ) -> None:
-        self._init(
-            argv=argv,
-            limits=limits,
-            backend=backend,
-            report=report,
-            verbosity=verbosity,
-            preset=preset,
-            attempts=attempts,
-            expect=expect or [],
-            parent=parent,
-            slice=slice,
-        )
 
 
 def parse_run(

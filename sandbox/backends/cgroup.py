@@ -62,16 +62,7 @@ class CgroupBackend:
         if self._parent is not None:
             hierarchies = at_parent(hierarchies, self._parent)
         v2 = next((h for h in hierarchies if h.version == 2), None)
-        sources: dict[str, Hierarchy] = {}
-        for controller in CONTROLLERS:
-            if v2 is not None and controller in v2.controllers:
-                sources[controller] = v2
-            else:
-                v1 = next(
-                    (h for h in hierarchies if h.version == 1 and controller in h.controllers), None
-                )
-                if v1 is not None:
-                    sources[controller] = v1
+        sources = controller_sources(hierarchies)
         if "memory" not in sources and limits.memory_bytes is not None:
             raise BackendUnavailable(
                 "cgroup",
@@ -230,9 +221,23 @@ class CgroupBackend:
             cgroups["unified"] = self.v2
         # From what was placed, not from self.dirs: remove() empties that before the report.
         placed = [self.memory, self.pids, (self.v2, 2) if self.v2 else None]
-        versions = sorted({version for item in placed if item for version in item[1:]})
-        mode = "v2" if versions == [2] else "v1" if versions == [1] else "hybrid"
-        return {"cgroups": cgroups, "cgroup_mode": mode}
+        versions = {item[1] for item in placed if item}
+        return {"cgroups": cgroups, "cgroup_mode": cgroupfs.cgroup_mode(versions)}
+
+
+def controller_sources(hierarchies: list[Hierarchy]) -> dict[str, Hierarchy]:
+    """controller -> the hierarchy a sandbox takes it from: v2 when v2 offers it to our cgroup,
+    else its v1 hierarchy (doctor shows the same choice)."""
+    v2 = next((h for h in hierarchies if h.version == 2), None)
+    sources: dict[str, Hierarchy] = {}
+    for controller in CONTROLLERS:
+        if v2 is not None and controller in v2.controllers:
+            sources[controller] = v2
+            continue
+        v1 = next((h for h in hierarchies if h.version == 1 and controller in h.controllers), None)
+        if v1 is not None:
+            sources[controller] = v1
+    return sources
 
 
 def _oom_kills(path: str, version: int) -> int | None:

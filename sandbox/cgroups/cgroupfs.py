@@ -19,14 +19,10 @@ from sandbox.core.identity import PREFIX, launcher_pid, pid_exists
 class Hierarchy(Frozen):
     """One mounted cgroup hierarchy and the directory of our own cgroup in it."""
 
-    __slots__ = ("version", "mount", "controllers", "own")
     version: int  # 1 or 2
     mount: str
     controllers: frozenset[str]  # v1: bound controllers; v2: those available to our cgroup
     own: str  # absolute path of our own cgroup's directory
-
-    def __init__(self, version: int, mount: str, controllers: frozenset[str], own: str) -> None:
-        self._init(version=version, mount=mount, controllers=controllers, own=own)
 
 
 def _mounts(mountinfo: str) -> list[tuple[str, str, str, str]]:
@@ -235,3 +231,12 @@ def remove_stale(parent: str) -> list[str]:
         except OSError:
             pass
     return removed
+
+
+def cgroup_mode(versions: set[int]) -> str:
+    """The name of a mix of cgroup versions (hierarchies mounted, or a sandbox's cgroups)."""
+    if versions == {2}:
+        return "v2"
+    if versions == {1, 2}:
+        return "hybrid"
+    return "v1" if versions == {1} else "none"

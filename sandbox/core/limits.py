@@ -32,28 +32,11 @@ PIDS_FORMS = "a positive whole number of tasks, or unlimited"
 class Limits(Frozen):
     """None means no limit. `kill_after_s` is the grace between SIGTERM and SIGKILL."""
 
-    __slots__ = ("memory_bytes", "pids", "timeout_s", "kill_after_s", "address_space_bytes")
     memory_bytes: int | None
     pids: int | None
-    timeout_s: float | None
-    kill_after_s: float
-    address_space_bytes: int | None
-
-    def __init__(
-        self,
-        memory_bytes: int | None,
-        pids: int | None,
-        timeout_s: float | None = None,
-        kill_after_s: float = DEFAULT_KILL_AFTER_S,
-        address_space_bytes: int | None = None,
-    ) -> None:
-        self._init(
-            memory_bytes=memory_bytes,
-            pids=pids,
-            timeout_s=timeout_s,
-            kill_after_s=kill_after_s,
-            address_space_bytes=address_space_bytes,
-        )
+    timeout_s: float | None = None
+    kill_after_s: float = DEFAULT_KILL_AFTER_S
+    address_space_bytes: int | None = None
 
 
 def _number(text: str) -> float | None:
@@ -131,13 +114,19 @@ def parse_pids(text: str, what: str = "--pids") -> int | None:
     return int(raw)
 
 
-def format_size(value: int | None) -> str:
+def smaller(first: int | None, second: int | None) -> int | None:
+    """The tighter of two limits, None meaning no limit."""
+    return second if first is None else first if second is None else min(first, second)
+
+
+def format_size(value: int | None, compact: bool = False) -> str:
+    """`1.5 GiB`, or `1.5G` when compact (table columns); `unlimited` for None."""
     if value is None:
         return "unlimited"
-    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if value >= size:
-            return f"{value / size:.1f} {unit}"
-    return f"{value} B"
+            return f"{value / size:.1f}{unit}" if compact else f"{value / size:.1f} {unit}iB"
+    return f"{value}B" if compact else f"{value} B"
 
 
 def format_duration(seconds: float | None) -> str:

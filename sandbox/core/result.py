@@ -1,4 +1,6 @@
-"""How a run ended: the reason, the exit status we return, the stderr line, the JSON report."""
+"""How a run ended: the reason, the exit status we return, the stderr line.
+
+The JSON report made of it: sandbox/report.py (write_report, below, writes the file)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,6 @@ if TYPE_CHECKING:
 else:
     # The C half of `signal`: the module `signal` wraps it in enums, ~4 ms of start-up.
     import _signal
-
-REPORT_VERSION = 1
 
 
 class Reason:
@@ -45,81 +45,37 @@ EXIT_MISSING_OUTPUT = 123
 class Usage(Frozen):
     """What the sandbox measured. None where this backend or kernel cannot tell."""
 
-    __slots__ = ("peak_memory_bytes", "oom_kills", "pids_limit_hits", "cpu_s")
-    peak_memory_bytes: int | None
-    oom_kills: int | None
-    pids_limit_hits: int | None
-    cpu_s: float | None
-
-    def __init__(
-        self,
-        peak_memory_bytes: int | None = None,
-        oom_kills: int | None = None,
-        pids_limit_hits: int | None = None,
-        cpu_s: float | None = None,
-    ) -> None:
-        self._init(
-            peak_memory_bytes=peak_memory_bytes,
-            oom_kills=oom_kills,
-            pids_limit_hits=pids_limit_hits,
-            cpu_s=cpu_s,
-        )
+    peak_memory_bytes: int | None = None
+    oom_kills: int | None = None
+    pids_limit_hits: int | None = None
+    cpu_s: float | None = None
 
 
-class RunResult(Frozen):
-    __slots__ = (
-        "reason",
-        "exit_code",
-        "child_exit_code",
-        "signal",
-        "wall_s",
-        "usage",
-        "limits",
-        "attempts",
-        "sandbox",
-        "killed_after_grace",
-        "detail",
-    )
+class RunResult(Frozen, kw_only=True):
     reason: str
     exit_code: int
-    child_exit_code: int | None
-    signal: int | None
+    child_exit_code: int | None = None
+    signal: int | None = None
     wall_s: float
     usage: Usage
     limits: Limits
-    attempts: int
+    attempts: int = 1
     sandbox: dict[str, Any]
-    killed_after_grace: bool
-    detail: str | None
+    killed_after_grace: bool = False
+    detail: str | None = None
 
-    def __init__(
-        self,
-        *,
-        reason: str,
-        exit_code: int,
-        wall_s: float,
-        usage: Usage,
-        limits: Limits,
-        sandbox: dict[str, Any],
-        child_exit_code: int | None = None,
-        signal: int | None = None,
-        attempts: int = 1,
-        killed_after_grace: bool = False,
-        detail: str | None = None,
-    ) -> None:
-        self._init(
-            reason=reason,
-            exit_code=exit_code,
-            child_exit_code=child_exit_code,
-            signal=signal,
-            wall_s=wall_s,
-            usage=usage,
-            limits=limits,
-            attempts=attempts,
-            sandbox=sandbox,
-            killed_after_grace=killed_after_grace,
-            detail=detail,
-        )
+
+class Attempt(Frozen, kw_only=True):
+    """One run of the command in a fresh sandbox, and how its backend was chosen (the report's
+    backend, backend_choice, not_enforced and enclosing-limit keys come from here)."""
+
+    result: RunResult
+    backend_name: str
+    # selection.prepare's record: requested, chosen, refused, notices (only {"requested"} when
+    # no backend could be prepared)
+    choice: dict[str, Any]
+    not_enforced: list[str]
+    enclosing: tuple[int | None, str | None] = (None, None)  # (bytes, cgroup) of a limit above
 
 
 def classify(
@@ -189,34 +145,6 @@ def message(result: RunResult) -> str | None:
     ):
         return result.detail
     return None
-
-
-def report(
-    result: RunResult, argv: list[str], backend: str, choice: dict[str, Any]
-) -> dict[str, Any]:
-    """The JSON report (schema in README.md). Unknown values are null, never guessed."""
-    usage = result.usage
-    return {
-        "version": REPORT_VERSION,
-        "command": argv,
-        "backend": backend,
-        "reason": result.reason,
-        "exit_code": result.exit_code,
-        "child_exit_code": result.child_exit_code,
-        "signal": result.signal,
-        "signal_name": signal_name(result.signal) if result.signal else None,
-        "wall_s": round(result.wall_s, 6),
-        "cpu_s": None if usage.cpu_s is None else round(usage.cpu_s, 6),
-        "peak_memory_bytes": usage.peak_memory_bytes,
-        "oom_kills": usage.oom_kills,
-        "pids_limit_hits": usage.pids_limit_hits,
-        "attempts": result.attempts,
-        "killed_after_grace": result.killed_after_grace,
-        "limits": result.limits.as_dict(),
-        "sandbox": result.sandbox,
-        "backend_choice": choice,
-        "detail": result.detail,
-    }
 
 
 def write_report(path: str, data: dict[str, Any]) -> None:

@@ -19,8 +19,9 @@ from typing import Any
 
 from sandbox.cgroups import cgroupfs
 from sandbox.cgroups.enclosing import enclosing_memory_limit
-from sandbox.core import identity
+from sandbox.core import identity, procfs
 from sandbox.core.errors import UsageError
+from sandbox.core.limits import format_size, smaller
 from sandbox.registry import store as registry
 
 _V1_UNLIMITED = 1 << 60
@@ -74,7 +75,7 @@ def _row(
         parent = os.path.dirname(memory_dir)
         if parent not in limits_above:  # sandboxes share parents: read each parent chain once
             limits_above[parent] = enclosing_memory_limit(parent)[0]
-        effective = _smaller(limit, limits_above[parent])
+        effective = smaller(limit, limits_above[parent])
     if cgroups:
         tasks = _tasks(cgroups)
     elif live:
@@ -149,18 +150,12 @@ class ProcessTable:
     def _load(self) -> dict[int, list[int]]:
         children: dict[int, list[int]] = {}
         page = os.sysconf("SC_PAGE_SIZE")
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    fields = f.read().rpartition(b")")[2].split()
-            except OSError:
+        for pid in procfs.pids():
+            info = procfs.stat(pid)
+            if info is None:
                 continue  # it exited meanwhile
-            # After the command name: state ppid ... num_threads (20th) ... rss in pages (24th).
-            pid, ppid = int(name), int(fields[1])
-            children.setdefault(ppid, []).append(pid)
-            self._usage[pid] = (int(fields[21]) * page, int(fields[17]))
+            children.setdefault(info.ppid, []).append(pid)
+            self._usage[pid] = (info.rss_pages * page, info.threads)
         return children
 
     def tree(self, launcher: int, guardian: int | None) -> tuple[int | None, int | None]:
@@ -177,10 +172,6 @@ class ProcessTable:
             rss, threads = rss + resident, threads + count
             todo += self._children.get(pid, [])
         return rss, threads
-
-
-def _smaller(first: int | None, second: int | None) -> int | None:
-    return second if first is None else first if second is None else min(first, second)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -212,12 +203,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def size(value: int | None) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if value >= scale:
-            return f"{value / scale:.1f}{unit}"
-    return f"{value}B"
+    return "-" if value is None else format_size(value, compact=True)
 
 
 def age(seconds: float) -> str:

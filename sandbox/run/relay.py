@@ -1,24 +1,28 @@
-"""Relaying a command's output through the launcher, for runs that may be retried.
+"""Relaying a command's stderr through the launcher, for runs that may be retried.
 
-A retry needs to know what the failed attempt printed, so (only when --attempts allows more than
-one attempt) the command writes into a pipe or a pseudo-terminal that the launcher reads and
-copies, byte for byte and as it arrives, to the launcher's own stdout/stderr. The normal path
-never comes here: the child inherits the launcher's stdio untouched.
+A retry needs to know what the failed attempt printed, and every transient failure it looks for
+(retry.TRANSIENT_PATTERNS: rustc, bash, libuv, std's EAGAIN message) is printed on stderr. So
+(only when --attempts allows more than one attempt) the command's stderr is a pipe or a
+pseudo-terminal that the launcher reads and copies, byte for byte and as it arrives, to the
+launcher's own stderr. stdout stays the caller's own file, untouched, with one exception: when
+stdout and stderr are one file, pipe or terminal (`2>&1`, or both on the same terminal), they
+share the relay's channel, since copying only stderr would let stdout overtake it; the
+interleaving is then the one the command wrote. The normal path (one attempt) never comes here:
+the child inherits the launcher's stdio untouched.
 
-    start()   fds 1 and 2 of the launcher are pointed at new pipes (a pty when the original is a
-              terminal, so the command still sees a TTY); the child inherits them through fork
-              and exec, stdin stays as it is
+    start()   fd 2 of the launcher (and fd 1 with it when both are one file) is pointed at a new
+              pipe (a pty when the original is a terminal, so the command still sees a TTY);
+              the child inherits it through fork and exec, stdin stays as it is
     wanted()  / ready()   called from the supervisor's poll loop: read what the command wrote,
               write it on to the original output without ever blocking the loop (timeouts and
               signals keep working while the reader of our output is slow)
-    finish()  after the sandbox is torn down: put fds 1 and 2 back, read to EOF, write the rest
+    finish()  after the sandbox is torn down: put the fds back, read to EOF, write the rest
 
-Memory stays bounded: at most PENDING_MAX bytes wait to be written per stream (beyond that we stop
-reading and the command blocks on a full pipe, as it would on the original output), and only the
-last retry.TAIL_BYTES of each stream are kept for the transient-failure patterns.
-When stdout and stderr are the same file, pipe or terminal (`2>&1`), they share one channel, so
-their interleaving is the one the command wrote. When the reader of our output goes away (`| head`),
-our end is closed, so the command gets SIGPIPE as it would writing there itself.
+Memory stays bounded: at most PENDING_MAX bytes wait to be written (beyond that we stop reading
+and the command blocks on a full pipe, as it would on the original output), and only the last
+retry.TAIL_BYTES are kept for the transient-failure patterns. When the reader of our output goes
+away (`2>&1 | head`), our end is closed, so the command gets SIGPIPE as it would writing there
+itself.
 """
 
 from __future__ import annotations
@@ -141,18 +145,16 @@ class Relay:
         self._old_winch: Any = None
         self._tails: list[bytes] = []
         self._groups: list[list[int]] = []
-        identities: list[tuple[int, int]] = []
+        identities = {}
         for fd in (1, 2):
             try:
                 st = os.fstat(fd)
             except OSError:
                 continue  # closed: the command gets it closed too
-            identity = (st.st_dev, st.st_ino)
-            if identity in identities:
-                self._groups[identities.index(identity)].append(fd)
-            else:
-                identities.append(identity)
-                self._groups.append([fd])
+            identities[fd] = (st.st_dev, st.st_ino)
+        if 2 in identities:
+            # stdout joins only when it is the same file: alone, it stays the caller's own.
+            self._groups.append([1, 2] if identities.get(1) == identities[2] else [2])
 
     def start(self) -> None:
         for stream in (sys.stdout, sys.stderr):
@@ -193,7 +195,7 @@ class Relay:
 
     # -- after the run --------------------------------------------------------------------------
     def finish(self) -> None:
-        """Give fds 1 and 2 back, copy the rest of the output (to EOF, bounded), close."""
+        """Give the fds back, copy the rest of the output (to EOF, bounded), close."""
         if self._old_winch is not None:
             _signal.signal(_signal.SIGWINCH, self._old_winch)
             self._old_winch = None
@@ -229,7 +231,8 @@ class Relay:
         return [fd for fd in fds if fd >= 0]
 
     def tails(self) -> list[bytes]:
-        """The last retry.TAIL_BYTES of each output of the finished attempt."""
+        """The last retry.TAIL_BYTES of the relayed output (stderr, with stdout when they are one
+        file) of the finished attempt."""
         return self._tails
 
 

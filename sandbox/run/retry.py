@@ -63,10 +63,6 @@ TRANSIENT_PATTERNS: tuple[tuple[str, tuple[bytes, ...]], ...] = (
 _STOP_SIGNALS = frozenset({1, 2, 3, 9, 13, 15})
 
 
-def default_attempts(argv: Sequence[str]) -> int:
-    return DEFAULT_ATTEMPTS if program(argv) in RETRIED_PROGRAMS else 1
-
-
 def parse_attempts(text: str, what: str) -> int:
     """A whole number of attempts; 0 is taken as 1 (old safe-run.sh users disabled with 0 or 1)."""
     raw = text.strip()

@@ -259,7 +259,7 @@ def test_relay_binary_and_large_output_unchanged() -> None:
         "import sys\n"
         "block = bytes(range(256)) * 4096\n"
         "for i in range(24):\n"
-        "    sys.stdout.buffer.write(block[i:] + block[:i])\n"
+        "    sys.stderr.buffer.write(block[i:] + block[:i])\n"
     )
     proc = subprocess.run(
         LAUNCHER + ["--attempts", "2", "--", PY, "-c", data_code],
@@ -269,9 +269,70 @@ def test_relay_binary_and_large_output_unchanged() -> None:
     )
     block = bytes(range(256)) * 4096
     expected = b"".join(block[i:] + block[:i] for i in range(24))  # 24 MiB
-    assert proc.returncode == 0 and proc.stderr == b""
-    assert len(proc.stdout) == len(expected)
-    assert hashlib.sha256(proc.stdout).digest() == hashlib.sha256(expected).digest()
+    assert proc.returncode == 0 and proc.stdout == b""
+    assert len(proc.stderr) == len(expected)
+    assert hashlib.sha256(proc.stderr).digest() == hashlib.sha256(expected).digest()
+
+
+IDENTITY = (
+    "import os, sys\n"
+    "for fd in (1, 2):\n"
+    "    st = os.fstat(fd)\n"
+    "    print(fd, st.st_dev, st.st_ino, file=sys.stderr)\n"
+)
+
+
+def child_fds(stderr: str) -> dict[int, tuple[int, int]]:
+    found = {}
+    for line in stderr.splitlines():
+        fd, dev, ino = map(int, line.split())
+        found[fd] = (dev, ino)
+    return found
+
+
+@pytest.mark.parametrize("target", ["file", "pipe"])
+def test_retried_command_writes_to_the_callers_own_stdout(tmp_path: Path, target: str) -> None:
+    """Only stderr (where the transient failures are printed) goes through the relay: fd 1 of a
+    command that may be retried is the caller's file or pipe itself, not a copy of it."""
+    out = tmp_path / "out"
+    with open(out, "wb") as sink:
+        launcher = subprocess.Popen(
+            LAUNCHER + ["--attempts", "3", "--", PY, "-c", IDENTITY + "print('to stdout')"],
+            stdout=sink if target == "file" else subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=launcher_env(),
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            ours = os.fstat(sink.fileno() if launcher.stdout is None else launcher.stdout.fileno())
+            written, err = launcher.communicate(timeout=60)
+        finally:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+                launcher.communicate()
+    assert launcher.returncode == 0, err
+    fds = child_fds(err)
+    assert fds[1] == (ours.st_dev, ours.st_ino), "stdout went through the relay"
+    assert (written or out.read_text()) == "to stdout\n"
+    assert fds[2] != fds[1]
+
+
+def test_stdout_shares_the_relay_when_it_is_stderr_too(tmp_path: Path) -> None:
+    """`>file 2>&1`: one channel for both keeps their interleaving (the exception README names)."""
+    out = tmp_path / "out"
+    with open(out, "wb") as sink:
+        proc = subprocess.run(
+            LAUNCHER + ["--attempts", "3", "--", PY, "-c", IDENTITY],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=launcher_env(),
+            timeout=60,
+        )
+        caller = os.fstat(sink.fileno())
+    assert proc.returncode == 0
+    fds = child_fds(out.read_text())
+    assert fds[1] == fds[2] != (caller.st_dev, caller.st_ino)
 
 
 def test_relay_keeps_each_stream_in_order() -> None:
@@ -324,7 +385,7 @@ def test_timeout_fires_while_nobody_reads_the_output(
     code = (
         f"import os, sys\nopen({str(pidfile)!r} + '.tmp', 'w').write(str(os.getpid()))\n"
         f"os.rename({str(pidfile)!r} + '.tmp', {str(pidfile)!r})\n"
-        "while True:\n    sys.stdout.write('x' * 65536)\n"
+        "while True:\n    sys.stderr.write('x' * 65536)\n"
     )
     launcher = subprocess.Popen(
         LAUNCHER + ["--attempts", "2", "--timeout", "1", "--kill-after", "0", "--", PY, "-c", code],
@@ -337,15 +398,16 @@ def test_timeout_fires_while_nobody_reads_the_output(
         assert wait_until(pidfile.exists, timeout=20)
         pid = int(pidfile.read_text())
         pids_to_kill.append(pid)
-        # stdout is not read: the pipe to us is full, the command is blocked writing.
+        # stderr is not read: the pipe to us is full, the command is blocked writing.
         assert wait_until(lambda: not pid_alive(pid), timeout=20), "timeout did not fire"
         out, err = launcher.communicate(timeout=60)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.communicate()
-    assert launcher.returncode == 124
-    assert set(out) == {ord("x")} and b"timed out" in err
+    assert launcher.returncode == 124 and out == b""
+    relayed, _, said = err.partition(b"aero-sandbox: ")
+    assert set(relayed) == {ord("x")} and b"timed out" in said
 
 
 def test_relay_with_stdout_closed() -> None:

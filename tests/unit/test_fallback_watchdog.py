@@ -11,6 +11,7 @@ import pytest
 
 from fallback import handoff, proctree, watchdog
 from fallback.watchdog import Watchdog
+from sandbox.core import procfs
 
 LAUNCHER, GUARDIAN = 100, 101
 M = 1 << 20
@@ -39,8 +40,8 @@ class FakeProc:
         self.procs[pid] = (ppid, pid * 10, rss, rss if pss is None else pss, tasks, faults)
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(proctree, "pids", lambda: list(self.procs))
-        monkeypatch.setattr(proctree, "stat", self.stat)
+        monkeypatch.setattr(procfs, "pids", lambda: list(self.procs))
+        monkeypatch.setattr(procfs, "stat", self.stat)
         monkeypatch.setattr(proctree, "footprint", self.footprint)
         monkeypatch.setattr(proctree, "proportional", self.proportional)
         monkeypatch.setattr(proctree, "signal", self.signal)
@@ -48,11 +49,11 @@ class FakeProc:
     def signal(self, pids: set[int], signo: int) -> None:
         self.signals.append((signo, set(pids)))
 
-    def stat(self, pid: int) -> proctree.ProcInfo | None:
+    def stat(self, pid: int) -> procfs.ProcInfo | None:
         if pid not in self.procs:
             return None
         ppid, start, *_, faults = self.procs[pid]
-        return proctree.ProcInfo(ppid, start, "S", faults, self.major.get(pid, 0))
+        return procfs.ProcInfo(ppid, start, "S", faults, major_faults=self.major.get(pid, 0))
 
     def footprint(self, pid: int) -> proctree.Footprint | None:
         if pid not in self.procs:

@@ -56,7 +56,6 @@ def test_program_looks_through_env_and_paths(argv: list[str], expected: str) -> 
     ],
 )
 def test_build_and_test_tools_get_three_attempts(argv: list[str]) -> None:
-    assert retry.default_attempts(argv) == 3
     assert retry.attempts(argv, None, {}) == 3
 
 

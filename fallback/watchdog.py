@@ -173,6 +173,8 @@ class Watchdog:
         if limit is None or window is None or memory < limit * PRESSURE_SHARE:
             self._pressure_since = None
             return
+        if self._pressure_since is not None and now - self._pressure_since[0] < window:
+            return  # the faults are read at each end of a window only: a stat read per member
         faults = {}
         for pid in self.members:
             info = procfs.stat(pid)
@@ -181,8 +183,6 @@ class Watchdog:
             self._pressure_since = (now, faults)
             return
         since, before = self._pressure_since
-        if now - since < window:
-            return
         rate = sum(max(0, n - before.get(pid, 0)) for pid, n in faults.items()) / (now - since)
         if rate >= PRESSURE_MAJOR_FAULTS_PER_S and self.verdict is None:
             self.verdict = (

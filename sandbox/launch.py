@@ -7,11 +7,13 @@ import sys
 import time
 
 from sandbox.backends import selection
+from sandbox.budgets.admission import NotAdmitted
 from sandbox.core.errors import BackendUnavailable, SandboxError
 from sandbox.core.limits import Limits, format_duration, format_size
 from sandbox.core.result import (
     EXIT_ERROR,
     EXIT_MISSING_OUTPUT,
+    EXIT_QUEUE_TIMEOUT,
     Reason,
     RunResult,
     Usage,
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from sandbox.backends.protocol import Backend
+    from sandbox.budgets.membership import Membership
     from sandbox.run.relay import Relay
 
 
@@ -80,6 +83,7 @@ def execute(request: RunRequest) -> int:
         data["effective_memory_bytes"] = _smaller(request.limits.memory_bytes, attempt.enclosing[0])
         data["enclosing_memory"] = {"bytes": attempt.enclosing[0], "cgroup": attempt.enclosing[1]}
         data["retried_for"] = retried_for
+        data["budget"] = attempt.budget
         if request.expect:
             data["expect"] = {"paths": request.expect, "problems": problems}
         write_report(request.report, data)
@@ -97,6 +101,8 @@ class _Attempt:
         self.choice = choice
         self.not_enforced = not_enforced
         self.enclosing: tuple[int | None, str | None] = (None, None)  # a cgroup's limit above
+        self.budget: dict[str, Any] | None = None  # --budget: the membership's description
+        self.waited_s = 0.0  # in the budget's queue, before the sandbox was made
 
 
 def _attempt(request: RunRequest, limits: Limits, relay: Relay | None, start: float) -> _Attempt:
@@ -104,9 +110,12 @@ def _attempt(request: RunRequest, limits: Limits, relay: Relay | None, start: fl
     choice: dict[str, Any] = {"requested": request.backend}
     not_enforced: list[str] = []
     enclosing: tuple[int | None, str | None] = (None, None)
+    member: Membership | None = None
     try:
+        if request.budget is not None:
+            member = _join_budget(request)
         backend, choice = selection.prepare(
-            request.backend, limits, request.argv, request.parent, request.slice
+            request.backend, limits, request.argv, request.parent, request.slice, member
         )
         backend_name, not_enforced = backend.name, backend.not_enforced
         for why in choice["refused"].values():
@@ -132,18 +141,58 @@ def _attempt(request: RunRequest, limits: Limits, relay: Relay | None, start: fl
         enclosing = _enclosing_limit(request, backend.describe())
         result = _supervised(request.argv, limits, backend, relay)
     except (BackendUnavailable, SandboxError) as err:
-        result = RunResult(
-            reason=Reason.ERROR,
-            exit_code=EXIT_ERROR,
-            wall_s=time.monotonic() - start,
-            usage=Usage(),
-            limits=limits,
-            sandbox={},
-            detail=err.line(),
-        )
+        result = _not_run(Reason.ERROR, EXIT_ERROR, start, limits, err.line())
+    except NotAdmitted as err:
+        if err.signo is None:
+            result = _not_run(Reason.QUEUE_TIMEOUT, EXIT_QUEUE_TIMEOUT, start, limits, err.line)
+        else:
+            line = f"{signal_name(err.signo)} while waiting for admission: the command did not run"
+            result = _not_run(Reason.SIGNALED, 128 + err.signo, start, limits, line, err.signo)
+    finally:
+        if member is not None:
+            member.leave()  # after the sandbox is gone: the reservation and the budget locks
     attempt = _Attempt(result, backend_name, choice, not_enforced)
     attempt.enclosing = enclosing
+    if member is not None:
+        attempt.budget, attempt.waited_s = member.describe(), member.waited_s
     return attempt
+
+
+def _join_budget(request: RunRequest) -> Membership:
+    from sandbox.budgets.membership import join
+
+    assert request.budget is not None
+    return join(
+        request.budget,
+        tuple(request.budget.split("/")),
+        request.budget_mem,
+        request.reserve,
+        request.queue_timeout,
+        request.argv,
+        supervisor.wait_for_signal,
+        lambda line: say(request, line),
+    )
+
+
+def _not_run(
+    reason: str,
+    code: int,
+    start: float,
+    limits: Limits,
+    detail: str,
+    signo: int | None = None,
+) -> RunResult:
+    """The result of an attempt whose command never started."""
+    return RunResult(
+        reason=reason,
+        exit_code=code,
+        signal=signo,
+        wall_s=time.monotonic() - start,
+        usage=Usage(),
+        limits=limits,
+        sandbox={},
+        detail=detail,
+    )
 
 
 def _supervised(
@@ -179,18 +228,23 @@ def _with_retries(request: RunRequest, start: float) -> tuple[_Attempt, list[str
     while True:
         relay = Relay()
         attempt = _attempt(request, limits, relay, start)
+        if deadline is not None:
+            deadline += attempt.waited_s  # --timeout counts the runs, not waits for admission
         result = attempt.result
         matched = retry.should_retry(result.reason, result.exit_code, result.signal, relay.tails())
         if matched is None or number >= request.attempts:
             break
-        delay = retry.backoff(number, base)
+        # A budget's victim waits for admission again (with --reserve): no back-off on top.
+        victim = result.reason == Reason.BUDGET_OOM
+        delay = 0.0 if victim and request.reserve else retry.backoff(number, base)
         if deadline is not None and time.monotonic() + delay >= deadline:
             say(request, f"attempt {number} failed ({matched}); no time left to retry")
             break
+        kind = "as its budget's OOM victim" if victim else "with a transient resource error"
         say(
             request,
-            f"attempt {number} of {request.attempts} failed with a transient resource error "
-            f"({matched}); retrying in {delay:.1f}s",
+            f"attempt {number} of {request.attempts} failed {kind} ({matched}); retrying in "
+            f"{delay:.1f}s",
         )
         retried_for.append(matched)
         signo = supervisor.wait_for_signal(delay)
@@ -245,7 +299,8 @@ def _enclosing_limit(request: RunRequest, sandbox: dict[str, Any]) -> tuple[int 
 
     found, where = for_sandbox(sandbox)
     wanted = request.limits.memory_bytes
-    if found is not None and wanted is not None and found < wanted:
+    # In a budget its cap is the point, not news: the report still says the effective limit.
+    if found is not None and wanted is not None and found < wanted and request.budget is None:
         line = (
             f"--mem {format_size(wanted)} is more than the {format_size(found)} that {where} "
             f"allows: the effective limit is {format_size(found)}"

@@ -10,6 +10,7 @@ root) holding, for the whole tree of budgets under it:
               `budget rm` and `gc` take LOCK_EX without waiting, so they never remove a budget
               a launcher is about to use
     counter   the last ticket number given
+    cgroup    the top level's cgroup directory (gc removes the state of a budget that is gone)
     w-<n>-<pid>-<hex>   a waiting run's ticket; renamed r-... once admitted (a running member)
 
 A launcher holds flock(LOCK_EX) on its ticket from creation to its end. The kernel drops that

@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any
 
-from sandbox.budgets import admission
+from sandbox.budgets import admission, files
 from sandbox.budgets import cgroup as levels_fs
 from sandbox.budgets.membership import state_dir, state_root
 from sandbox.budgets.model import Caps, parse_name
@@ -105,6 +105,7 @@ def remove(name: str, root: str | None) -> list[str]:
     finally:
         if lock is not None:
             os.close(lock)
+        prune_state()
 
 
 def _busy(found: list[Hierarchy], parts: tuple[str, ...]) -> str | None:
@@ -187,5 +188,46 @@ def collect(dry_run: bool, root: str | None = None) -> tuple[list[str], list[str
             kept.append(f"budget {name}: {err.line()}")
         finally:
             os.close(lock)
+    if not dry_run:
+        prune_state()
     return removed, kept
+
+
+def prune_state() -> list[str]:
+    """Remove the queue state of budget trees whose top cgroup is gone and that nobody uses."""
+    try:
+        root = state_root()
+        keys = os.listdir(root)
+    except (OSError, SandboxError):
+        return []
+    pruned = []
+    for key in keys:
+        state = os.path.join(root, key)
+        opened = files.read_own(os.path.join(state, "cgroup"))
+        if opened is None:
+            continue
+        os.close(opened[0])
+        if os.path.isdir(opened[1].strip()) or admission.read_tickets(state):
+            continue
+        locks = [admission.take_exclusive(state, n[2:]) for n in _names(state) if n[:2] == "m-"]
+        try:
+            if all(fd is not None for fd in locks):
+                for name in _names(state):
+                    files.unlink(os.path.join(state, name))
+                os.rmdir(state)
+                pruned.append(state)
+        except OSError:
+            pass
+        finally:
+            for fd in locks:
+                if fd is not None:
+                    os.close(fd)
+    return pruned
+
+
+def _names(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
 

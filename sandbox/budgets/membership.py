@@ -48,7 +48,16 @@ def state_dir(places: list[Hierarchy], parts: tuple[str, ...], create: bool = Tr
 
         key = f"{zlib.crc32(top.encode()):08x}-{key[-180:]}"
     path = os.path.join(state_root(), key)
-    return files.directory(path, 0o755 if os.geteuid() == 0 else 0o700) if create else path
+    if not create:
+        return path
+    files.directory(path, 0o755 if os.geteuid() == 0 else 0o700)
+    fd = files.open_own(os.path.join(path, "cgroup"), create=True)
+    try:
+        if os.fstat(fd).st_size == 0:  # which budget this is, for gc once the cgroup is gone
+            files.write_all(fd, top + "\n")
+    finally:
+        os.close(fd)
+    return path
 
 
 class Membership:
@@ -65,6 +74,8 @@ class Membership:
 
     def leave(self) -> None:
         self.queue.leave()
+        if self.watch is not None:
+            self.watch.close()
 
     def read_chain(self) -> list[Level]:
         return levels_fs.chain(self.places, self.parts)

@@ -9,13 +9,19 @@ only that some level above or at this sandbox ran out.
         sandbox was killed; its `oom` > 0 means the OOM was at this sandbox's own memory.max. A
         budget level's memory.events.local `oom` counts the OOMs at that level.
     v1  memory.oom_control's oom_kill (Linux 4.13+) counts kills of this cgroup's processes (v1
-        does not propagate it up); memory.failcnt counts charges that hit this cgroup's own
-        limit, so it tells an OOM at our limit from one at a level above.
+        does not propagate it up); memory.failcnt (+memsw) counts charges that hit this
+        cgroup's own limit. A budget level's failcnt does not grow when it runs out below a
+        child that has its own limit (seen on 6.18), so each level gets its own OOM eventfd:
+        the kernel notifies the OOMing cgroup and every cgroup below it, never those above, so
+        the outermost level whose eventfd fired is the one that ran out.
 
 `verdict` is the pure decision, for unit tests and to combine with the plain-sandbox check.
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 from sandbox.cgroups import cgroupfs
 
@@ -28,17 +34,18 @@ def verdict(
 ) -> tuple[str, str | None] | None:
     """(reason, budget level that ran out) for a sandbox, or None when it was not hit.
 
-    `levels_hit`: the budget levels whose own OOM counter grew during the run, innermost last;
-    `levels`: every level of the budget, outermost first (the innermost is named when the
-    counters cannot tell which one ran out).
+    `levels_hit`: the budget levels whose own counter grew during the run, innermost last;
+    `levels`: every level of the budget, outermost first.
     """
     if not killed:
         return None
-    if own_limit_hit and not levels_hit:
-        return OOM, None
-    if levels_hit:
+    if levels_hit and not own_limit_hit:
         return BUDGET_OOM, levels_hit[-1]
-    return BUDGET_OOM, levels[-1] if levels else None
+    if levels_hit:
+        # Both ran out (a --mem near the budget's cap): the budget's is the one that hurt others.
+        return BUDGET_OOM, levels_hit[-1]
+    # Our own limit, or a limit above the budget (a container's): the command's own doing.
+    return OOM, None
 
 
 def own_counters(path: str, version: int) -> tuple[bool, bool]:
@@ -48,14 +55,37 @@ def own_counters(path: str, version: int) -> tuple[bool, bool]:
         killed = bool(local.get("oom_kill") or local.get("oom_group_kill"))
         return killed, bool(local.get("oom"))
     killed = bool(cgroupfs.read_keyed(path + "/memory.oom_control").get("oom_kill"))
-    return killed, bool(cgroupfs.read_int(path + "/memory.failcnt"))
+    return killed, bool(_v1_failures(path))
 
 
-def level_counter(path: str, version: int) -> int:
-    """What grows when a level itself runs out: v2 events.local `oom`, v1 failcnt."""
-    if version == 2:
-        return cgroupfs.read_keyed(path + "/memory.events.local").get("oom", 0)
-    return cgroupfs.read_int(path + "/memory.failcnt") or 0
+def _v1_failures(path: str) -> int:
+    # With memsw set equal to the memory limit, v1 charges memory+swap first: that counter fails.
+    return (cgroupfs.read_int(path + "/memory.failcnt") or 0) + (
+        cgroupfs.read_int(path + "/memory.memsw.failcnt") or 0
+    )
+
+
+def level_counter(path: str) -> int:
+    """v2: how often this level itself ran out (memory.events.local `oom`)."""
+    return cgroupfs.read_keyed(path + "/memory.events.local").get("oom", 0)
+
+
+def _v1_watch(path: str) -> int | None:
+    """An eventfd the kernel signals on an OOM at this v1 cgroup or above it."""
+    try:
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        ofd = os.open(path + "/memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            cgroupfs.write(path + "/cgroup.event_control", f"{efd} {ofd}")
+        finally:
+            os.close(ofd)  # the kernel keeps its own reference
+    except OSError:
+        os.close(efd)
+        return None
+    return efd
 
 
 class BudgetWatch:
@@ -65,18 +95,39 @@ class BudgetWatch:
         self.name = name
         self._levels = levels  # (budget name, memory directory), outermost first
         self._version = version
-        self._baseline = {path: level_counter(path, version) for _name, path in levels}
+        self._baseline: dict[str, int] = {}
+        self._fired: dict[str, int] = {}  # v1: OOM notifications seen per level
+        self._fds: dict[str, int] = {}
+        for _name, path in levels:
+            if version == 2:
+                self._baseline[path] = level_counter(path)
+            else:
+                fd = _v1_watch(path)
+                if fd is not None:
+                    self._fds[path], self._fired[path] = fd, 0
         self.hit: dict[str, object] | None = None  # the level that ran out, for the report
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def levels_hit(self) -> list[str]:
+        """The budget levels that ran out during the run (v1: the outermost notified)."""
+        if self._version == 2:
+            return [n for n, p in self._levels if level_counter(p) > self._baseline[p]]
+        for path, fd in self._fds.items():
+            try:
+                self._fired[path] += int.from_bytes(os.read(fd, 8), sys.byteorder)
+            except BlockingIOError:
+                pass
+        fired = [name for name, path in self._levels if self._fired.get(path)]
+        return fired[:1]
 
     def classify(self, path: str, version: int) -> str | None:
         killed, own = own_counters(path, version)
         if not killed:
             return None
-        hit = [
-            name
-            for name, level in self._levels
-            if level_counter(level, self._version) > self._baseline[level]
-        ]
+        hit = self.levels_hit()
         found = verdict(killed, own, hit, [name for name, _path in self._levels])
         if found is None:
             return None

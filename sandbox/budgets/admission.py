@@ -244,9 +244,8 @@ class Queue:
             fd = files.open_own(counter, create=True)
             try:
                 number = (files.ascii_int(os.read(fd, 64).decode("ascii", "replace")) or 0) + 1
-                os.lseek(fd, 0, os.SEEK_SET)
-                os.ftruncate(fd, 0)
-                files.write_all(fd, f"{number}\n")
+                # Fixed width, written in place: no truncation (which costs ms on a busy tmpfs).
+                os.pwrite(fd, f"{number:020d}\n".encode(), 0)
             finally:
                 os.close(fd)
             name = f"w-{number:012d}-{os.getpid()}-{os.urandom(3).hex()}"

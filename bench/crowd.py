@@ -37,6 +37,9 @@ from sandbox.budgets import cgroup as levels_fs  # noqa: E402
 from sandbox.cgroups import cgroupfs  # noqa: E402
 from sandbox.core.limits import format_size, parse_size  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import environment, launcher  # noqa: E402
+
 GIB = 1 << 30
 MIB = 1 << 20
 # Takes its peak at once (MAP_POPULATE: the kernel faults every page in), holds it, exits 0.
@@ -48,17 +51,6 @@ JOB = (
     "time.sleep(max(0.0, seconds - (time.monotonic() - start)))\n"
 )
 INTERPRETER = 12 * MIB  # what python itself takes on top of the job's bytes
-
-
-def launcher() -> list[str]:
-    installed = Path(sys.executable).parent / "aero-sandbox"
-    return [str(installed)] if installed.exists() else [sys.executable, "-m", "sandbox"]
-
-
-def environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AERO_")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def crowd(count: int, seed: int) -> list[tuple[int, float]]:

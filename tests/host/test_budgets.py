@@ -15,7 +15,15 @@ import pytest
 
 from sandbox.budgets import cgroup as levels_fs
 from sandbox.budgets.membership import state_root
-from tests.conftest import LAUNCHER, launcher_env, need_kernel_sandbox, run_launcher, wait_until
+from tests.conftest import (
+    LAUNCHER,
+    communicate,
+    launcher_env,
+    need,
+    need_kernel_sandbox,
+    run_launcher,
+    wait_until,
+)
 
 PY = sys.executable
 HOLD = (
@@ -30,9 +38,23 @@ VICTIM = (
 M = 1 << 20
 
 
+_can_make: tuple[bool, str] | None = None
+
+
 @pytest.fixture(autouse=True)
 def kernel_sandbox() -> None:
+    """Budgets need cgroups this launcher may create (root, or a delegated subtree)."""
+    global _can_make
+    if os.geteuid() != 0 and os.path.isdir("/run/systemd/system"):
+        # Budgets in systemd slices are not built yet; a user there has no cgroup to make them in.
+        pytest.skip("budgets for a systemd user manager's runs are not built yet (docs/budgets.md)")
     need_kernel_sandbox()
+    if _can_make is None:
+        name = f"probe{os.getpid()}"
+        made = run_launcher(["budget", "set", name, "--mem", "64M"], timeout=60)
+        run_launcher(["budget", "rm", name], timeout=60)
+        _can_make = (made.returncode == 0, f"cannot make a budget here: {made.stderr.strip()}")
+    need(*_can_make)
 
 
 @pytest.fixture
@@ -67,13 +89,8 @@ def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return proc.returncode, out, err
+    done = communicate(proc, timeout)
+    return done.returncode, done.stdout, done.stderr
 
 
 def wait_for_line(proc: subprocess.Popen[str], stream: str = "stdout", timeout: float = 60) -> str:
@@ -284,14 +301,22 @@ def _budget_row(budget: str, key: str, value: int) -> str:
     return "waiting" if row is not None and row[key] >= value else ""
 
 
-def test_a_sigkilled_waiter_leaves_no_reservation(budget: str) -> None:
+def holder_and_waiter(
+    budget: str, seconds: float
+) -> tuple[subprocess.Popen[str], subprocess.Popen[str]]:
+    """A run holding 600M of a 1G budget for `seconds`, and one waiting for 900M behind it."""
     assert cli("budget", "set", budget, "--mem", "1G").returncode == 0
-    holder = start("--budget", budget, "--reserve", "600M", "--", PY, "-c", HOLD.format(
-        size=M, seconds=3))
+    code = HOLD.format(size=M, seconds=seconds)
+    holder = start("--budget", budget, "--reserve", "600M", "--", PY, "-c", code)
+    assert wait_for_line(holder).startswith("holding")
+    waiter = start("--budget", budget, "--reserve", "900M", "--", "echo", "never")
+    assert "waiting for 900.0 MiB" in wait_for_line(waiter, "stderr")
+    return holder, waiter
+
+
+def test_a_sigkilled_waiter_leaves_no_reservation(budget: str) -> None:
+    holder, waiter = holder_and_waiter(budget, 3)
     try:
-        assert wait_for_line(holder).startswith("holding")
-        waiter = start("--budget", budget, "--reserve", "900M", "--", "echo", "never")
-        assert "waiting for 900.0 MiB" in wait_for_line(waiter, "stderr")
         listed = json.loads(cli("list", "--json").stdout)
         assert any(r.get("state") == "waiting" and r["launcher_pid"] == waiter.pid for r in listed)
         os.kill(waiter.pid, signal.SIGKILL)
@@ -307,13 +332,8 @@ def test_a_sigkilled_waiter_leaves_no_reservation(budget: str) -> None:
 
 
 def test_a_signal_ends_a_waiting_launcher_at_once(budget: str) -> None:
-    assert cli("budget", "set", budget, "--mem", "1G").returncode == 0
-    holder = start("--budget", budget, "--reserve", "600M", "--", PY, "-c", HOLD.format(
-        size=M, seconds=30))
+    holder, waiter = holder_and_waiter(budget, 30)
     try:
-        assert wait_for_line(holder).startswith("holding")
-        waiter = start("--budget", budget, "--reserve", "900M", "--", "echo", "never")
-        assert "waiting for" in wait_for_line(waiter, "stderr")
         sent = time.monotonic()
         waiter.send_signal(signal.SIGTERM)
         code, out, err = finish(waiter, timeout=30)

@@ -99,6 +99,7 @@ def diagnose(environ: Mapping[str, str] | None = None, cwd: str | None = None) -
         *_user_limits(),
         _machine(),
         _node(environ, cwd),
+        _budgets(),
         backend_check,
     ]
     memory = backend_check.status == "ok"
@@ -109,6 +110,13 @@ def diagnose(environ: Mapping[str, str] | None = None, cwd: str | None = None) -
     else:
         code = EXIT_OK
     return Diagnosis(checks, memory, code)
+
+
+def _budgets() -> Check:
+    from sandbox.budgets.manage import doctor_summary
+
+    status, summary, details = doctor_summary()
+    return Check("budgets", status, summary, details=details)
 
 
 def render(diagnosis: Diagnosis) -> str:

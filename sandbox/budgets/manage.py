@@ -231,3 +231,24 @@ def _names(directory: str) -> list[str]:
     except OSError:
         return []
 
+
+
+def doctor_summary() -> tuple[str, str, dict[str, Any]]:
+    """(status, one line, details) for `aero-sandbox doctor`: the budgets and where they live."""
+    try:
+        found = rows(None)
+        where = levels_fs.memory_base(places(None)).own
+    except SandboxError as err:
+        return "info", f"no budgets possible here: {err.line()}", {}
+    names = ", ".join(
+        f"{row['name']} ({table_size(row['memory_cap_bytes'])})" for row in found[:8]
+    ) + (", ..." if len(found) > 8 else "")
+    summary = f"{len(found)} below {where}" + (f": {names}" if found else "")
+    root = os.environ.get(levels_fs.ROOT_ENV, "").strip() or None
+    return "info", summary, {"where": where, "root_env": root, "budgets": found}
+
+
+def table_size(value: int | None) -> str:
+    from sandbox.registry.inventory import size
+
+    return size(value) if value is not None else "no cap"

@@ -390,3 +390,11 @@ def test_a_hundred_launchers_contending_leave_nothing_behind(budget: str) -> Non
     row = next(r for r in json.loads(cli("budget", "list", "--json").stdout) if r["name"] == budget)
     assert (row["running"], row["waiting"], row["reserved_bytes"]) == (0, 0, 0)
     assert cli("budget", "rm", budget).returncode == 0
+
+
+def test_doctor_shows_budgets_and_where_they_live(budget: str) -> None:
+    assert cli("budget", "set", budget, "--mem", "128M").returncode == 0
+    found = json.loads(cli("doctor", "--json").stdout)
+    check = next(c for c in found["checks"] if c["name"] == "budgets")
+    assert budget in [row["name"] for row in check["details"]["budgets"]]
+    assert check["details"]["where"] == levels_fs.memory_base(levels_fs.bases()).own

@@ -312,6 +312,13 @@ def build_request(
     slice_value = _value("slice", values, environ)
     slice_name = parse_slice(*slice_value) if slice_value else None
     budget, budget_mem, reserve, queue_timeout = _budget_options(argv, values, environ, preset)
+    if budget is not None and backend not in ("auto", "cgroup"):
+        # Never dropped silently: a systemd slice per level and the rlimit backend's cooperative
+        # enforcement are not built (docs/budgets.md), so only cgroups this launcher makes hold one.
+        raise UsageError(
+            f"--budget needs the cgroup backend, not --backend {backend}: budgets in systemd "
+            "slices and for the rlimit backend are not built yet (use --backend cgroup or auto)"
+        )
     if budget is not None and (parent or slice_name):
         raise UsageError(
             "--budget cannot be combined with --parent or --slice: a budget is the shared "

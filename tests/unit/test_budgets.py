@@ -150,3 +150,6 @@ def test_run_options() -> None:
             parse_run(args, {})
     with pytest.raises(UsageError):
         parse_run(["--budget", "a", "--parent", "x", "true"], {})
+    for backend in ("rlimit", "systemd"):
+        with pytest.raises(UsageError, match="--budget needs the cgroup backend"):
+            parse_run(["--backend", backend, "true"], {"AERO_BUDGET": "agents"})

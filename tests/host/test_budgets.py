@@ -398,3 +398,33 @@ def test_doctor_shows_budgets_and_where_they_live(budget: str) -> None:
     check = next(c for c in found["checks"] if c["name"] == "budgets")
     assert budget in [row["name"] for row in check["details"]["budgets"]]
     assert check["details"]["where"] == levels_fs.memory_base(levels_fs.bases()).own
+
+
+def test_an_admins_root_holds_the_budgets_and_gc_leaves_it(budget: str) -> None:
+    """AERO_BUDGET_ROOT (budget set --root): an admin-made cgroup, the same path below each
+    mount, holds the budgets; gc removes the empty budget, never the admin's cgroup."""
+    memory = levels_fs.memory_base(levels_fs.bases())
+    relative = os.path.relpath(memory.own, memory.mount) + f"/aero-admin-{os.getpid()}"
+    made: list[str] = []
+    for place in levels_fs.bases():
+        path = place.mount
+        for part in relative.split("/"):
+            path = os.path.join(path, part)
+            if not os.path.isdir(path):
+                os.mkdir(path)
+                made.append(path)
+    root = os.path.join(memory.mount, relative)
+    env = launcher_env(AERO_BUDGET_ROOT=root)
+    try:
+        assert cli("budget", "set", budget, "--mem", "128M", env=env).returncode == 0
+        proc = cli("--budget", budget, "--", "cat", "/proc/self/cgroup", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert f"/aero-admin-{os.getpid()}/aero-budget-{budget}/aero-sandbox-" in proc.stdout
+        assert budget not in cli("budget", "list").stdout  # not below our own cgroup
+        assert budget in cli("budget", "list", "--root", root).stdout
+        assert cli("gc", env=env).returncode == 0
+        assert not _budget_dirs(budget)
+        assert all(os.path.isdir(path) for path in made)
+    finally:
+        for path in sorted(made, key=len, reverse=True):
+            os.rmdir(path)

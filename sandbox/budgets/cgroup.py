@@ -122,6 +122,16 @@ def set_caps(places: list[Hierarchy], parts: tuple[str, ...], caps: Caps) -> Non
     """Write the level's caps (None: no cap) and read them back."""
     memory = memory_base(places)
     path = level_dir(memory, parts)
+    usage = cgroupfs.read_int(
+        path + ("/memory.current" if memory.version == 2 else "/memory.usage_in_bytes")
+    )
+    if caps.memory_bytes is not None and usage is not None and usage > caps.memory_bytes:
+        # v2 would OOM-kill members to get there: never as a side effect of `budget set`.
+        raise SandboxError(
+            f"cannot cap budget {'/'.join(parts)} at {format_size(caps.memory_bytes)}: its "
+            f"members use {format_size(usage)} now",
+            "wait for them to end, or choose a larger cap",
+        )
     if memory.version == 2:
         _write_limit(path, "memory.max", caps.memory_bytes)
     else:

@@ -129,6 +129,8 @@ def test_set_list_rm_and_refusal_while_a_member_runs(budget: str) -> None:
         refused = cli("budget", "rm", budget)
         assert refused.returncode == 125 and refused.stderr.count("\n") == 1, refused.stderr
         assert f"budget {budget} is in use" in refused.stderr
+        lowered = cli("budget", "set", budget, "--mem", "4M")  # below what the member uses
+        assert lowered.returncode == 125 and "its members use" in lowered.stderr
         listed = json.loads(cli("budget", "list", "--json").stdout)
         assert next(r for r in listed if r["name"] == budget)["running"] == 1
     finally:

@@ -95,7 +95,9 @@ def remove(name: str, root: str | None) -> list[str]:
     state = state_dir(found, parts)
     lock = admission.take_exclusive(state, "/".join(parts))
     try:
-        busy = _busy(found, parts) if lock is not None else "a launcher is joining it"
+        busy = _busy(found, parts)
+        if lock is None:  # a launcher holds it: running, waiting, or about to make its sandbox
+            busy = busy or "a launcher is starting a run in it"
         if busy:
             raise SandboxError(
                 f"budget {name} is in use: {busy}",

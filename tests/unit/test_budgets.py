@@ -153,3 +153,54 @@ def test_run_options() -> None:
     for backend in ("rlimit", "systemd"):
         with pytest.raises(UsageError, match="--budget needs the cgroup backend"):
             parse_run(["--backend", backend, "true"], {"AERO_BUDGET": "agents"})
+
+
+# -- cgroup v2 on a fake tree (the development host has no v2 memory controller) ---------------
+def fake_v2(tmp_path) -> tuple[object, str]:  # type: ignore[no-untyped-def]
+    from sandbox.cgroups.cgroupfs import Hierarchy
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "cgroup.controllers").write_text("memory pids\n")
+    (own / "cgroup.subtree_control").write_text("memory pids\n")
+    return Hierarchy(2, str(tmp_path), frozenset({"memory", "pids"}), str(own)), str(own)
+
+
+def test_v2_levels_caps_and_reading(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sandbox.budgets import cgroup as levels_fs
+
+    place, own = fake_v2(tmp_path)
+    parts = ("agents", "agent-17")
+    made = levels_fs.ensure([place], parts)  # type: ignore[list-item]
+    assert made == [f"{own}/aero-budget-agents", f"{own}/aero-budget-agents/aero-budget-agent-17"]
+    inner = made[-1]
+    for name, text in (("memory.current", "1048576\n"), ("memory.max", "max\n"),
+                       ("pids.max", "max\n"), ("memory.peak", "2097152\n")):  # fmt: skip
+        (tmp_path / inner.removeprefix(str(tmp_path) + "/") / name).write_text(text)
+    levels_fs.set_caps([place], parts, Caps(12 * G, 100))  # type: ignore[list-item]
+    level = levels_fs.read_level([place], parts)  # type: ignore[list-item]
+    assert (level.caps.memory_bytes, level.caps.pids, level.usage_bytes) == (12 * G, 100, 1 << 20)
+    assert level.peak_bytes == 2 << 20
+    levels_fs.set_caps([place], parts, Caps(None, None))  # type: ignore[list-item]
+    assert levels_fs.read_level([place], parts).caps == Caps(None, None)  # type: ignore[list-item]
+    with pytest.raises(Exception, match="its members use 1.0 MiB"):
+        levels_fs.set_caps([place], parts, Caps(4096, None))  # type: ignore[list-item]
+
+
+def test_v2_budget_watch_tells_a_budget_oom_from_its_own(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sandbox.budgets.oom import BudgetWatch
+
+    outer, inner, sandbox = (tmp_path / n for n in ("outer", "inner", "sandbox"))
+    for path in (outer, inner, sandbox):
+        path.mkdir()
+        (path / "memory.events.local").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n")
+    watch = BudgetWatch("a/b", [("a", str(outer)), ("a/b", str(inner))], 2)
+    assert watch.classify(str(sandbox), 2) is None  # nothing happened
+    (outer / "memory.events.local").write_text("max 3\noom 1\noom_kill 0\n")
+    assert watch.classify(str(sandbox), 2) is None  # a neighbour was the victim
+    (sandbox / "memory.events.local").write_text("max 0\noom 0\noom_kill 1\noom_group_kill 1\n")
+    assert watch.classify(str(sandbox), 2) == "budget_oom"
+    assert watch.describe()["ran_out"]["budget"] == "a"  # type: ignore[index]
+    own = BudgetWatch("a/b", [("a", str(outer)), ("a/b", str(inner))], 2)
+    (sandbox / "memory.events.local").write_text("max 5\noom 1\noom_kill 2\n")
+    assert own.classify(str(sandbox), 2) == "oom"  # its own memory.max; no level ran out since

@@ -13,7 +13,7 @@ import sys
 from sandbox.core.errors import SandboxError
 from sandbox.core.result import EXIT_ERROR
 
-SUBCOMMANDS = ("doctor", "env", "list", "gc")
+SUBCOMMANDS = ("doctor", "env", "list", "gc", "budget")
 HELP_FLAGS = ("-h", "--help", "--version")
 
 

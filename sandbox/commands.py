@@ -21,9 +21,10 @@ def _run_help() -> str:
     lines.append("")
     lines.append("\b")
     lines.append("Exit status: the command's own; 128+N killed by signal N; 124 timed out;")
-    lines.append("137 killed for memory; 125 aero-sandbox failed (bad usage included);")
-    lines.append("126 not executable; 127 not found; 123 exited 0 but an --expect path is")
-    lines.append("missing or empty.")
+    lines.append("137 killed for memory (its own --mem, or its budget ran out); 125 aero-sandbox")
+    lines.append("failed (bad usage included); 126 not executable; 127 not found; 123 exited 0")
+    lines.append("but an --expect path is missing or empty; 75 --queue-timeout: never admitted")
+    lines.append("into its budget, not run.")
     return "\n".join(lines)
 
 
@@ -54,9 +55,11 @@ def list_command(as_json: bool) -> None:
     PID is the launcher's; LIMIT is the effective memory limit (the sandbox's own, or a
     smaller one set on a cgroup above it). Root sees every user's sandboxes.
     """
+    from sandbox.budgets.manage import waiting_runs
     from sandbox.registry import inventory
 
-    rows = inventory.live_sandboxes()
+    rows = inventory.live_sandboxes() + waiting_runs()
+    rows.sort(key=lambda row: row["started"])
     if as_json:
         import json
 
@@ -90,6 +93,13 @@ def gc_command(dry_run: bool, parents: tuple[str, ...]) -> None:
     for path in done.entries:
         click.echo(f"{verb} registry entry {path}")
     for line in done.kept:
+        click.echo(f"kept {line}")
+    from sandbox.budgets.manage import collect
+
+    removed, kept = collect(dry_run)
+    for path in removed:
+        click.echo(f"{verb} budget cgroup {path}")
+    for line in kept:
         click.echo(f"kept {line}")
 
 
@@ -144,3 +154,63 @@ def doctor_command(as_json: bool) -> None:
     else:
         click.echo(doctor.render(diagnosis))
     raise click.exceptions.Exit(diagnosis.exit_code)
+
+
+@cli.group("budget")
+def budget_group() -> None:
+    """Budgets: one memory/pids ceiling shared by every run in it (docs/budgets.md).
+
+    \b
+    aero-sandbox budget set agents --mem 80%
+    aero-sandbox budget set agents/agent-17 --mem 12G
+    aero-sandbox --budget agents/agent-17 --reserve 8G -- cargo build --release
+
+    Budgets live below the cgroup the launcher runs in, or below AERO_BUDGET_ROOT (--root).
+    """
+
+
+_ROOT_HELP = "the admin-made cgroup budgets live below [AERO_BUDGET_ROOT, else our own cgroup]"
+
+
+@budget_group.command("set")
+@click.argument("name")
+@click.option("--mem", "mem", required=True, metavar="SIZE", help="memory cap: 12G, 80%, unlimited")
+@click.option("--pids", "pids", metavar="N", help="tasks cap [unlimited]")
+@click.option("--root", metavar="PATH", help=_ROOT_HELP)
+def budget_set(name: str, mem: str, pids: str | None, root: str | None) -> None:
+    """Create budget NAME, or change its caps."""
+    from sandbox.budgets.manage import set_budget
+    from sandbox.core.limits import format_size, parse_pids, parse_size
+
+    memory = parse_size(mem, "--mem")
+    tasks = parse_pids(pids, "--pids") if pids is not None else None
+    where = set_budget(name, memory, tasks, root)
+    pids_text = tasks or "unlimited"
+    click.echo(f"budget {name}: memory {format_size(memory)}, pids {pids_text} ({where})")
+
+
+@budget_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="one JSON array, for scripts")
+@click.option("--root", metavar="PATH", help=_ROOT_HELP)
+def budget_list(as_json: bool, root: str | None) -> None:
+    """Each budget: caps, usage now and peak, reservations, running members, waiting runs."""
+    from sandbox.budgets.manage import rows, table
+
+    found = rows(root)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(found, indent=2))
+    elif found:
+        click.echo(table(found))
+
+
+@budget_group.command("rm")
+@click.argument("name")
+@click.option("--root", metavar="PATH", help=_ROOT_HELP)
+def budget_rm(name: str, root: str | None) -> None:
+    """Remove budget NAME (and budgets nested in it); refused while runs are in it or wait."""
+    from sandbox.budgets.manage import remove
+
+    for path in remove(name, root):
+        click.echo(f"removed cgroup {path}")

@@ -7,11 +7,13 @@ import sys
 import time
 
 from sandbox.backends import selection
+from sandbox.budgets.admission import NotAdmitted
 from sandbox.core.errors import BackendUnavailable, SandboxError
 from sandbox.core.limits import Limits, format_duration, format_size
 from sandbox.core.result import (
     EXIT_ERROR,
     EXIT_MISSING_OUTPUT,
+    EXIT_QUEUE_TIMEOUT,
     Attempt,
     Reason,
     RunResult,
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from sandbox.backends.protocol import Backend
+    from sandbox.budgets.membership import Membership
     from sandbox.run.relay import Relay
 
 
@@ -85,9 +88,12 @@ def _attempt(
     choice: dict[str, Any] = {"requested": request.backend}
     not_enforced: list[str] = []
     enclosing: tuple[int | None, str | None] = (None, None)
+    member: Membership | None = None
     try:
+        if request.budget is not None:
+            member = _join_budget(request)
         backend, choice = selection.prepare(
-            request.backend, limits, request.argv, request.parent, request.slice
+            request.backend, limits, request.argv, request.parent, request.slice, member
         )
         backend_name, not_enforced = backend.name, backend.not_enforced
         for why in choice["refused"].values():
@@ -113,21 +119,61 @@ def _attempt(
         enclosing = _enclosing_limit(request, backend.describe())
         result = _supervised(request.argv, limits, backend, relay)
     except (BackendUnavailable, SandboxError) as err:
-        result = RunResult(
-            reason=Reason.ERROR,
-            exit_code=EXIT_ERROR,
-            wall_s=time.monotonic() - start,
-            usage=Usage(),
-            limits=limits,
-            sandbox={},
-            detail=err.line(),
-        )
+        result = _not_run(Reason.ERROR, EXIT_ERROR, start, limits, err.line())
+    except NotAdmitted as err:
+        if err.signo is None:
+            result = _not_run(Reason.QUEUE_TIMEOUT, EXIT_QUEUE_TIMEOUT, start, limits, err.line)
+        else:
+            line = f"{signal_name(err.signo)} while waiting for admission: the command did not run"
+            result = _not_run(Reason.SIGNALED, 128 + err.signo, start, limits, line, err.signo)
+    finally:
+        if member is not None:
+            member.leave()  # after the sandbox is gone: the reservation and the budget locks
     return Attempt(
         result=result,
         backend_name=backend_name,
         choice=choice,
         not_enforced=not_enforced,
         enclosing=enclosing,
+        budget=member.describe() if member is not None and request.report else None,
+        waited_s=member.waited_s if member is not None else 0.0,
+    )
+
+
+def _join_budget(request: RunRequest) -> Membership:
+    from sandbox.budgets.membership import join
+
+    assert request.budget is not None
+    return join(
+        request.budget,
+        tuple(request.budget.split("/")),
+        request.budget_mem,
+        request.reserve,
+        request.queue_timeout,
+        request.argv,
+        supervisor.wait_for_signal,
+        lambda line: say(request, line),
+    )
+
+
+def _not_run(
+    reason: str,
+    code: int,
+    start: float,
+    limits: Limits,
+    detail: str,
+    signo: int | None = None,
+) -> RunResult:
+    """The result of an attempt whose command never started."""
+    return RunResult(
+        reason=reason,
+        exit_code=code,
+        signal=signo,
+        wall_s=time.monotonic() - start,
+        usage=Usage(),
+        limits=limits,
+        sandbox={},
+        detail=detail,
     )
 
 
@@ -164,18 +210,23 @@ def _with_retries(request: RunRequest, start: float) -> tuple[Attempt, list[str]
     while True:
         relay = Relay()
         attempt = _attempt(request, limits, relay, start)
+        if deadline is not None:
+            deadline += attempt.waited_s  # --timeout counts the runs, not waits for admission
         result = attempt.result
         matched = retry.should_retry(result.reason, result.exit_code, result.signal, relay.tails())
         if matched is None or number >= request.attempts:
             break
-        delay = retry.backoff(number, base)
+        # A budget's victim waits for admission again (with --reserve): no back-off on top.
+        victim = result.reason == Reason.BUDGET_OOM
+        delay = 0.0 if victim and request.reserve else retry.backoff(number, base)
         if deadline is not None and time.monotonic() + delay >= deadline:
             say(request, f"attempt {number} failed ({matched}); no time left to retry")
             break
+        kind = "as its budget's OOM victim" if victim else "with a transient resource error"
         say(
             request,
-            f"attempt {number} of {request.attempts} failed with a transient resource error "
-            f"({matched}); retrying in {delay:.1f}s",
+            f"attempt {number} of {request.attempts} failed {kind} ({matched}); retrying in "
+            f"{delay:.1f}s",
         )
         retried_for.append(matched)
         signo = supervisor.wait_for_signal(delay)
@@ -230,7 +281,8 @@ def _enclosing_limit(request: RunRequest, sandbox: dict[str, Any]) -> tuple[int 
 
     found, where = for_sandbox(sandbox)
     wanted = request.limits.memory_bytes
-    if found is not None and wanted is not None and found < wanted:
+    # In a budget its cap is the point, not news: the report still says the effective limit.
+    if found is not None and wanted is not None and found < wanted and request.budget is None:
         line = (
             f"--mem {format_size(wanted)} is more than the {format_size(found)} that {where} "
             f"allows: the effective limit is {format_size(found)}"

@@ -63,6 +63,7 @@ def build(
         "effective_memory_bytes": smaller(request.limits.memory_bytes, enclosing_bytes),
         "enclosing_memory": {"bytes": enclosing_bytes, "cgroup": enclosing_cgroup},
         "retried_for": retried_for or [],
+        "budget": attempt.budget,
     }
     if request.expect:
         data["expect"] = {"paths": request.expect, "problems": expect_problems or []}

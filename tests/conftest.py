@@ -56,6 +56,11 @@ def run_launcher(
         start_new_session=True,
         **kwargs,  # type: ignore[arg-type]
     )
+    return communicate(proc, timeout)
+
+
+def communicate(proc: subprocess.Popen[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Wait for a launcher started in its own session, bounded; on overrun kill its group."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

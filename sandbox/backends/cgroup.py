@@ -23,6 +23,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from sandbox.budgets.oom import BudgetWatch
+
 # Where we move the processes of our own cgroup so that it may enable controllers for its
 # children (cgroup v2's no-internal-process rule). It is not a sandbox: gc leaves it alone.
 LEAF = "aero-leaf"
@@ -44,10 +46,20 @@ class CgroupBackend:
     tick_s: float | None = None
 
     def __init__(
-        self, hierarchies: list[Hierarchy] | None = None, parent: str | None = None
+        self,
+        hierarchies: list[Hierarchy] | None = None,
+        parent: str | None = None,
+        budget: BudgetWatch | None = None,
     ) -> None:
         self._hierarchies = hierarchies
         self._parent = parent  # --parent: an admin-made cgroup that caps all sandboxes together
+        # --budget: `hierarchies` are the budget's innermost level; `budget` tells an OOM kill
+        # at a budget level (budget_oom) from one at our own limit (oom), from kernel counters.
+        self.budget = budget
+        if budget is not None:
+            # v1: the victim may be counted after the OOM wake-up (or a grandchild killed with
+            # no wake-up of ours at all): look at the counters again every half second.
+            self.tick_s = 0.5
         self.not_enforced: list[str] = []
         self.dirs: dict[str, int] = {}  # every directory we created -> its cgroup version
         self.memory: tuple[str, int] | None = None  # (directory, version) holding memory limits
@@ -145,6 +157,13 @@ class CgroupBackend:
         if self.memory is None:
             return None
         path, version = self.memory
+        if self.budget is not None:
+            if self._oom_fds is not None:
+                try:
+                    os.read(self._oom_fds[0], 8)  # drain the wake-up; the counters decide
+                except BlockingIOError:
+                    pass
+            return self.budget.classify(path, version)
         if version == 1:
             if self._oom_fds is None:
                 return Reason.OOM if _oom_kills(path, 1) else None
@@ -222,7 +241,11 @@ class CgroupBackend:
         # From what was placed, not from self.dirs: remove() empties that before the report.
         placed = [self.memory, self.pids, (self.v2, 2) if self.v2 else None]
         versions = {item[1] for item in placed if item}
-        return {"cgroups": cgroups, "cgroup_mode": cgroupfs.cgroup_mode(versions)}
+        mode = cgroupfs.cgroup_mode(versions)
+        described: dict[str, Any] = {"cgroups": cgroups, "cgroup_mode": mode}
+        if self.budget is not None:
+            described["budget"] = self.budget.describe()
+        return described
 
 
 def controller_sources(hierarchies: list[Hierarchy]) -> dict[str, Hierarchy]:
@@ -383,3 +406,8 @@ def _unavailable(parent: str, err: OSError) -> BackendUnavailable:
     return BackendUnavailable(
         "cgroup", f"cannot create a cgroup in {parent}: {err.strerror}", remedy
     )
+
+
+# For budgets (sandbox/budgets/cgroup.py), which make their levels the way sandboxes are made.
+enable_controllers = _enable_controllers
+set_checked = _set

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from sandbox.backends.protocol import Backend
+    from sandbox.budgets.membership import Membership as Budget
 
 BACKENDS = ("systemd", "cgroup", "rlimit")
 CHOICES = ("auto",) + BACKENDS
@@ -31,7 +32,12 @@ def systemd_running() -> bool:
     return os.path.isdir("/run/systemd/system")
 
 
-def make(name: str, parent: str | None = None, slice_name: str | None = None) -> Backend:
+def make(
+    name: str,
+    parent: str | None = None,
+    slice_name: str | None = None,
+    budget: Budget | None = None,
+) -> Backend:
     if slice_name is not None and name != "systemd":
         # The same for --slice: only a systemd scope can be placed in a slice.
         raise BackendUnavailable(
@@ -46,9 +52,19 @@ def make(name: str, parent: str | None = None, slice_name: str | None = None) ->
             "--parent names a cgroupfs directory, which only the cgroup backend uses",
             "use --backend cgroup, or --slice with systemd",
         )
+    if budget is not None and name != "cgroup":
+        # Never drop a budget silently: only the cgroup backend places sandboxes in one so far.
+        raise BackendUnavailable(
+            name,
+            "--budget needs cgroups this launcher creates itself, which only the cgroup "
+            "backend does",
+            "run as root or in a delegated cgroup, with --backend cgroup or auto",
+        )
     if name == "cgroup":
         from sandbox.backends.cgroup import CgroupBackend
 
+        if budget is not None:
+            return CgroupBackend(hierarchies=budget.placement, budget=budget.watch)
         return CgroupBackend(parent=parent)
     if name == "systemd":
         if not systemd_running():
@@ -69,6 +85,7 @@ def prepare(
     argv: list[str],
     parent: str | None = None,
     slice_name: str | None = None,
+    budget: Budget | None = None,
 ) -> tuple[Backend, dict[str, Any]]:
     """A prepared backend and the record of how it was chosen (for the report).
 
@@ -85,7 +102,7 @@ def prepare(
     notices: list[str] = []
     for name in names:
         try:
-            backend = make(name, parent, slice_name)
+            backend = make(name, parent, slice_name, budget)
             backend.prepare(limits, argv)
         except BackendUnavailable as err:
             if requested != "auto":

@@ -25,6 +25,8 @@ class Reason:
     SIGNALED = "signaled"  # a signal killed it (not ours)
     TIMEOUT = "timeout"  # --timeout fired
     OOM = "oom"  # the kernel (or the fallback's watchdog) killed for memory
+    BUDGET_OOM = "budget_oom"  # the kernel killed it because its budget (not its --mem) ran out
+    QUEUE_TIMEOUT = "queue_timeout"  # --queue-timeout: never admitted into its budget, not run
     PIDS = "pids"  # it failed after hitting --pids
     NOT_FOUND = "not_found"  # exit 127
     NOT_EXECUTABLE = "not_executable"  # exit 126
@@ -37,6 +39,8 @@ EXIT_ERROR = 125
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 EXIT_OOM = 137
+# EX_TEMPFAIL (sysexits.h): try again later. The command never ran.
+EXIT_QUEUE_TIMEOUT = 75
 # Below the 124-127 band of timeout(1)/env(1) and 128+N, and used by none of cargo, rustc, npm,
 # node, pytest or jest (xargs alone uses 123, for "a command failed").
 EXIT_MISSING_OUTPUT = 123
@@ -76,6 +80,8 @@ class Attempt(Frozen, kw_only=True):
     choice: dict[str, Any]
     not_enforced: list[str]
     enclosing: tuple[int | None, str | None] = (None, None)  # (bytes, cgroup) of a limit above
+    budget: dict[str, Any] | None = None  # --budget: the membership's description
+    waited_s: float = 0.0  # in the budget's queue, before the sandbox was made
 
 
 def classify(
@@ -91,8 +97,8 @@ def classify(
     child_code, signo = (code, None) if code >= 0 else (None, -code)
     if ended_by == Reason.TIMEOUT:
         return Reason.TIMEOUT, EXIT_TIMEOUT, child_code, signo
-    if ended_by == Reason.OOM:
-        return Reason.OOM, EXIT_OOM, child_code, signo
+    if ended_by in (Reason.OOM, Reason.BUDGET_OOM):
+        return ended_by, EXIT_OOM, child_code, signo
     if ended_by == Reason.PIDS:  # the fallback's watchdog killed the tree over --pids
         return Reason.PIDS, EXIT_OOM, child_code, signo
     exit_code = code if signo is None else 128 + signo
@@ -131,6 +137,8 @@ def message(result: RunResult) -> str | None:
             f"killed for memory: the command reached its {format_size(limits.memory_bytes)} limit "
             f"(peak {peak}); raise --mem or make it use less"
         )
+    if result.reason == Reason.BUDGET_OOM:
+        return _budget_oom_line(result.sandbox.get("budget"))
     if result.reason == Reason.PIDS:
         ended = (
             f"exited {result.child_exit_code}"
@@ -138,13 +146,33 @@ def message(result: RunResult) -> str | None:
             else f"was killed by {signal_name(result.signal or 0)}"
         )
         return f"the command hit the --pids limit of {limits.pids} tasks and {ended}; raise --pids"
+    if result.reason == Reason.SIGNALED and result.detail:
+        return result.detail  # the command never ran: a signal while waiting for admission
     if result.reason == Reason.SIGNALED and result.signal not in (_signal.SIGINT, _signal.SIGPIPE):
         return f"command killed by {signal_name(result.signal or 0)}"
     if result.reason in (
-        Reason.NOT_FOUND, Reason.NOT_EXECUTABLE, Reason.ERROR, Reason.MISSING_OUTPUT
+        Reason.NOT_FOUND,
+        Reason.NOT_EXECUTABLE,
+        Reason.ERROR,
+        Reason.MISSING_OUTPUT,
+        Reason.QUEUE_TIMEOUT,
     ):
         return result.detail
     return None
+
+
+def _budget_oom_line(budget: object) -> str:
+    """Names the budget that ran out, its cap and how full it got (sandbox/budgets/oom.py)."""
+    info: dict[str, Any] = budget if isinstance(budget, dict) else {}
+    ran_out = info.get("ran_out")
+    hit: dict[str, Any] = ran_out if isinstance(ran_out, dict) else {}
+    name = hit.get("budget") or info.get("name") or "?"
+    cap, usage = hit.get("cap_bytes"), hit.get("usage_bytes")
+    return (
+        f"killed for memory: budget {name} ran out (cap {format_size(cap)}, usage "
+        f"{format_size(usage) if usage else 'unknown'}) and the kernel chose this command; a "
+        "victim, not over its own --mem"
+    )
 
 
 def write_report(path: str, data: dict[str, Any]) -> None:

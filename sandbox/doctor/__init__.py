@@ -60,6 +60,7 @@ def diagnose(environ: Mapping[str, str] | None = None, cwd: str | None = None) -
         *userlimits.checks(),
         host.machine(),
         project.check(environ, cwd),
+        _budgets(),
         backend_check,
     ]
     memory = backend_check.status == "ok"
@@ -70,6 +71,14 @@ def diagnose(environ: Mapping[str, str] | None = None, cwd: str | None = None) -
     else:
         code = EXIT_OK
     return Diagnosis(checks, memory, code)
+
+
+
+def _budgets() -> Check:
+    from sandbox.budgets.manage import doctor_summary
+
+    status, summary, details = doctor_summary()
+    return Check("budgets", status, summary, details=details)
 
 
 def render(diagnosis: Diagnosis) -> str:

@@ -279,3 +279,39 @@ def _posix(value: str) -> str:
 def _fish(value: str) -> str:
     """In fish single quotes only \\\\ and \\' are escapes."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# -- default reservations (--preset agent with --budget) ----------------------------------------
+# Typical peaks from the agents' resource guide (docs/budgets.md): a run reserves this much of
+# its budget before it starts unless --reserve/AERO_RESERVE says otherwise.
+GIB = 1 << 30
+RESERVATIONS = (
+    ("cargo build --release", 8 * GIB),
+    ("cargo (debug builds, tests, doc)", 4 * GIB),
+    ("wasm-pack", 4 * GIB),
+    ("playwright", 2 * GIB),
+)
+_CARGO_HEAVY = frozenset({"build", "b", "test", "t", "run", "r", "doc", "bench", "nextest"})
+_PLAYWRIGHT_RUNNERS = frozenset({"npx", "pnpm", "yarn", "bunx", "pnpx"})
+
+
+def default_reservation(argv: list[str]) -> int | None:
+    """The agent preset's reservation for a command line, or None (no wait) for anything else."""
+    from sandbox.core.commandline import program
+
+    name = program(argv)
+    where = next((i for i, arg in enumerate(argv) if name and os.path.basename(arg) == name), None)
+    words = [] if where is None else argv[where + 1 :]
+    table = dict(RESERVATIONS)
+    if name in ("cargo", "cargo-nextest"):
+        command = next((w for w in words if not w.startswith(("-", "+"))), "")
+        if command not in _CARGO_HEAVY and name == "cargo":
+            return None
+        if "--release" in words or "-r" in words:
+            return table["cargo build --release"]
+        return table["cargo (debug builds, tests, doc)"]
+    if name == "wasm-pack":
+        return table["wasm-pack"]
+    if name == "playwright" or (name in _PLAYWRIGHT_RUNNERS and "playwright" in words[:2]):
+        return table["playwright"]
+    return None

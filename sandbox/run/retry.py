@@ -58,6 +58,8 @@ TRANSIENT_PATTERNS: tuple[tuple[str, tuple[bytes, ...]], ...] = (
     ("node could not create a thread", (b"uv_thread_create",)),
 )
 
+BUDGET_OOM_RETRY = "budget_oom: the kernel's victim when its budget ran out"
+
 # Endings that a person or a supervisor caused: never retried, whatever the output says.
 # (SIGHUP, SIGINT, SIGQUIT, SIGKILL, SIGPIPE, SIGTERM; as a shell reports them: 128+N.)
 _STOP_SIGNALS = frozenset({1, 2, 3, 9, 13, 15})
@@ -123,9 +125,13 @@ def should_retry(
 ) -> str | None:
     """Why this failed attempt deserves another (the pattern's name), or None.
 
-    Only a failure of the command itself qualifies: never a timeout, an OOM kill, our own --pids
+    A budget's OOM victim (budget_oom) qualifies: it did nothing wrong. Otherwise only a
+    failure of the command itself qualifies: never a timeout, an OOM kill, our own --pids
     limit (it would hit it again), a launcher error, or a signal a person or supervisor sent.
     """
+    if reason == Reason.BUDGET_OOM:
+        # Killed because the budget it shares ran out, not for its own use: run it again.
+        return BUDGET_OOM_RETRY
     if exit_code == 0 or reason not in (Reason.EXITED, Reason.SIGNALED):
         return None
     if signal in _STOP_SIGNALS or (signal is None and exit_code - 128 in _STOP_SIGNALS):

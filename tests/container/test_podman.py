@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 from pathlib import Path
 
@@ -176,3 +177,44 @@ def test_the_kubernetes_pod_example_with_podman_kube_play(
     ok("pod", "stop", "-t", "30", name, timeout=60)
     code = ok("inspect", "--format", "{{.State.ExitCode}}", container).strip()
     assert code == str(40 + signal.SIGTERM), podman("logs", container).stderr
+
+
+def test_a_kube_pod_whose_agent_runs_two_members_in_one_budget(
+    image: str, name: str, tmp_path: Path
+) -> None:
+    """docs/budgets.md's pod: aero-sandbox inside a privileged pod makes the agent's budget below
+    the pod's cgroup; two concurrent members share it, and a third that overflows it is the
+    kernel's victim (budget_oom) while the two live on."""
+    hold = "b = bytearray(150 << 20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(8)"
+    victim = (
+        "open('/proc/self/oom_score_adj', 'w').write('1000'); "
+        "b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096])"
+    )
+    count = (
+        "import json, sys; row = [r for r in json.load(sys.stdin) if r['name'] == 'agent'][0]; "
+        "print('members', row['running'], 'usage_mib', row['memory_bytes'] >> 20)"
+    )
+    script = (
+        # The harness's environment for the commands it runs (not for the entrypoint launcher).
+        "export AERO_BUDGET=agent AERO_BUDGET_MEM=400M; "
+        f"aero-sandbox -q -- python3 -c {shlex.quote(hold)} & "
+        f"aero-sandbox -q -- python3 -c {shlex.quote(hold)} & "
+        "sleep 4; "
+        f"aero-sandbox budget list --json | python3 -c {shlex.quote(count)}; "
+        f"aero-sandbox -- python3 -c {shlex.quote(victim)}; echo victim=$?; "
+        "wait; echo members-ended=$?"
+    )
+    text = pod_manifest(name, image, ["sh", "-c", script])
+    privileged = "securityContext: {privileged: true}"
+    text = text.replace("# " + privileged, privileged)
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_text(text)
+    ok("kube", "play", "--network", "none", str(manifest), timeout=120)
+    container = f"{name}-tests"
+    assert logs_show(container, "members-ended", timeout=120), podman("logs", container).stderr
+    logs = podman("logs", container)
+    words = logs.stdout.split()
+    assert words[words.index("members") + 1] == "2", logs.stdout
+    assert int(words[words.index("usage_mib") + 1]) >= 300, logs.stdout
+    assert "victim=137" in logs.stdout and "members-ended=0" in logs.stdout, logs.stdout
+    assert "budget agent ran out (cap 400.0 MiB" in logs.stderr, logs.stderr

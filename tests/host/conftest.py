@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from sandbox.cgroups.enclosing import own_memory_cgroup
+from sandbox.core import identity
 from tests.conftest import sandbox_cgroups, wait_until
 
 
@@ -14,9 +16,49 @@ def no_leftover_cgroups():
     before = sandbox_cgroups()
     yield
     # A launcher's guardian may still be finishing a removal: allow it a moment.
-    wait_until(lambda: not (sandbox_cgroups() - before), timeout=5)
-    left = sandbox_cgroups() - before
+    wait_until(lambda: not ours(sandbox_cgroups() - before), timeout=5)
+    left = ours(sandbox_cgroups() - before)
     assert not left, f"cgroups left behind: {sorted(left)}"
+
+
+def ours(paths: set[str]) -> set[str]:
+    """The sandboxes of this test run, not another test run's on the same host: on a hybrid host
+    whose processes sit in different v1 memory cgroups, a name found in another memory cgroup's
+    tree (and not in ours) is someone else's sandbox."""
+    own = own_memory_cgroup() or ""
+    memory_root = "/sys/fs/cgroup/memory/"
+    foreign = {
+        os.path.basename(p)
+        for p in paths
+        if p.startswith(memory_root) and not p.startswith(own.rstrip("/") + "/")
+    }
+    return {
+        p for p in paths if os.path.basename(p) not in foreign and not _foreign_launcher(p)
+    }
+
+
+def _foreign_launcher(path: str) -> bool:
+    """The sandbox's launcher is another test run's: an aero-sandbox launcher that still runs
+    and does not descend from this one. (A pid seen in a pid namespace may name anything here:
+    only a live launcher process outside our tree counts as foreign.)"""
+    pid = identity.launcher_pid(os.path.basename(path))
+    if pid is None or pid <= 1:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"sandbox" not in f.read():
+                return False
+    except OSError:
+        return False
+    while pid > 1:
+        if pid == os.getpid():
+            return False
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return True
 
 
 def is_root() -> bool:

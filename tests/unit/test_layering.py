@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "sandbox.doctor.*",
         ),
     ),
-    ("run/backends", ("sandbox.run.*", "sandbox.backends.*", "fallback.*")),
+    ("run/backends", ("sandbox.run.*", "sandbox.backends.*", "sandbox.budgets.*", "fallback.*")),
     ("cgroups/registry", ("sandbox.cgroups.*", "sandbox.registry.*")),
     ("core", ("sandbox.core.*", "sandbox")),
 )

@@ -188,7 +188,9 @@ def test_auto_moves_on_and_keeps_the_fix_for_one_stderr_line(
     monkeypatch.setattr(cgroupfs, "inside_sandbox", lambda proc_cgroup=None: False)
     monkeypatch.setattr(selection, "systemd_running", lambda: True)
     fakes = {"systemd": Refusing, "cgroup": Accepting}
-    monkeypatch.setattr(selection, "make", lambda name, parent=None, slice_name=None: fakes[name]())
+    monkeypatch.setattr(
+        selection, "make", lambda name, parent=None, slice_name=None, budget=None: fakes[name]()
+    )
     backend, choice = selection.prepare("auto", LIMITS, ["true"])
     assert backend.name == "cgroup"
     line = "systemd backend unavailable: pystemd is not installed (pip install ...)"

@@ -1,0 +1,366 @@
+"""Admission into a budget (`--reserve SIZE`): no daemon, launchers coordinate through the kernel
+and small files, like the registry.
+
+Each top-level budget has a state directory (below the registry's: /run/aero-sandbox/budgets/ for
+root) holding, for the whole tree of budgets under it:
+
+    lock      flock(LOCK_EX) while a launcher reads or changes the queue
+    m-<name>  one per level (agents, agents%agent-17): flock(LOCK_SH) by every launcher whose
+              sandbox is in that budget, from before its sandbox exists until after it is gone;
+              `budget rm` and `gc` take LOCK_EX without waiting, so they never remove a budget
+              a launcher is about to use
+    counter   the last ticket number given
+    cgroup    the top level's cgroup directory (gc removes the state of a budget that is gone)
+    w-<n>-<pid>-<hex>   a waiting run's ticket; renamed r-... once admitted (a running member)
+
+A launcher holds flock(LOCK_EX) on its ticket from creation to its end. The kernel drops that
+lock when the launcher dies, even by SIGKILL, so a reader treats an unlocked ticket as stale and
+removes it: a dead launcher never holds a reservation or a place in the queue.
+
+A waiting run may start when at every level of its budget that has a cap
+
+    cap - max(usage now, reservations of running members) - reservations of earlier waiters >= SIZE
+
+Earlier waiters keep their claim even when they do not fit yet, so the queue is first come, first
+served: a large reservation is never starved by a stream of small ones.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from sandbox.budgets import files
+from sandbox.budgets.model import Level
+from sandbox.core.errors import SandboxError
+from sandbox.core.frozen import Frozen
+from sandbox.core.limits import format_duration, format_size
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import fcntl
+    from collections.abc import Callable
+else:
+    import fcntl  # a C module: cheap
+
+MAGIC = "aero-sandbox-ticket 1"
+# A waiter looks at the state directory's mtime every POLL_S (one stat: a ticket came, went or
+# was admitted) and decides again when it changed, or every FULL_S anyway (memory freed by a run
+# without a reservation, a ticket whose launcher died): 40 waiters stay cheap on 2 cores.
+POLL_S = 0.05
+FULL_S = 1.0
+
+
+class Ticket(Frozen):
+    """One run's place in a budget tree's queue, as read from its file."""
+
+    __slots__ = ("number", "pid", "budget", "reserve", "started", "running", "argv", "path")
+    number: int
+    pid: int
+    budget: str  # agents/agent-17
+    reserve: int
+    started: float
+    running: bool
+    argv: list[str]
+    path: str
+
+    def __init__(
+        self,
+        number: int,
+        pid: int,
+        budget: str,
+        reserve: int,
+        started: float,
+        running: bool,
+        argv: list[str],
+        path: str = "",
+    ) -> None:
+        self._init(
+            number=number,
+            pid=pid,
+            budget=budget,
+            reserve=reserve,
+            started=started,
+            running=running,
+            argv=argv,
+            path=path,
+        )
+
+
+class NotAdmitted(Exception):
+    """The run never started: the queue timed out, or a signal came while it waited."""
+
+    def __init__(self, line: str, signo: int | None = None) -> None:
+        super().__init__(line)
+        self.line = line
+        self.signo = signo
+
+
+def within(budget: str, level: str) -> bool:
+    return budget == level or budget.startswith(level + "/")
+
+
+class Verdict(Frozen):
+    __slots__ = ("admitted", "level", "ahead", "free")
+    admitted: bool
+    level: str | None  # the level that blocks the run
+    ahead: int  # earlier waiters at that level
+    free: int | None
+
+    def __init__(self, admitted: bool, level: str | None, ahead: int, free: int | None) -> None:
+        self._init(admitted=admitted, level=level, ahead=ahead, free=free)
+
+
+def decide(mine: Ticket, tickets: list[Ticket], chain: list[Level]) -> Verdict:
+    """Whether `mine` may start now (pure: the caller holds the lock and read the kernel)."""
+    for level in chain:
+        cap = level.caps.memory_bytes
+        if cap is None:
+            continue
+        held = sum(t.reserve for t in tickets if t.running and within(t.budget, level.name))
+        earlier = [
+            t
+            for t in tickets
+            if not t.running and t.number < mine.number and within(t.budget, level.name)
+        ]
+        free = cap - max(level.usage_bytes or 0, held)
+        if free - sum(t.reserve for t in earlier) < mine.reserve:
+            return Verdict(False, level.name, len(earlier), max(0, free))
+    return Verdict(True, None, 0, None)
+
+
+def too_big(reserve: int, chain: list[Level]) -> str | None:
+    """The line for a reservation no level could ever grant."""
+    for level in chain:
+        cap = level.caps.memory_bytes
+        if cap is not None and reserve > cap:
+            return (
+                f"--reserve {format_size(reserve)} can never fit in budget {level.name}, whose cap "
+                f"is {format_size(cap)}"
+            )
+    return None
+
+
+# -- the files ----------------------------------------------------------------------------------
+def parse(text: str, path: str) -> Ticket | None:
+    lines = text.split("\n")
+    if not lines or lines[0] != MAGIC:
+        return None
+    name = os.path.basename(path)
+    state, _, rest = name.partition("-")
+    number = files.ascii_int(rest.partition("-")[0])
+    values: dict[str, str] = {}
+    argv: list[str] = []
+    for line in lines[1:]:
+        key, _, value = line.partition(" ")
+        if key == "arg":
+            argv.append(value.replace("\\n", "\n"))
+        elif key:
+            values[key] = value
+    pid = files.ascii_int(values.get("pid", ""))
+    reserve = files.ascii_int(values.get("reserve", ""))
+    try:
+        started = float(values.get("started", ""))
+    except ValueError:
+        return None
+    if number is None or pid is None or reserve is None or state not in ("w", "r"):
+        return None
+    return Ticket(number, pid, values.get("budget", ""), reserve, started, state == "r", argv, path)
+
+
+def _format(ticket: Ticket) -> str:
+    lines = [
+        MAGIC,
+        f"pid {ticket.pid}",
+        f"budget {ticket.budget}",
+        f"reserve {ticket.reserve}",
+        f"started {ticket.started:.6f}",
+    ]
+    lines += ["arg " + arg.replace("\n", "\\n") for arg in ticket.argv]
+    return "\n".join(lines) + "\n"
+
+
+def read_tickets(state: str, remove_stale: bool = True) -> list[Ticket]:
+    """Every live ticket of the tree, oldest first; stale ones (no lock held) are removed."""
+    found = []
+    try:
+        names = os.listdir(state)
+    except OSError:
+        return []
+    for name in names:
+        if not name.startswith(("w-", "r-")):
+            continue
+        path = os.path.join(state, name)
+        opened = files.read_own(path)
+        if opened is None:
+            continue
+        fd, text = opened
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            ticket = parse(text, path)  # its launcher holds it: live
+            if ticket is not None:
+                found.append(ticket)
+            continue
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        if remove_stale:
+            files.unlink(path)  # no launcher holds it: it died
+    found.sort(key=lambda t: t.number)
+    return found
+
+
+class Queue:
+    """A budget tree's state directory, held by one launcher for one run."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+        self.members_fds: list[int] = []
+        self.ticket_fd: int | None = None
+        self.ticket_path: str | None = None
+
+    # membership: a shared lock on each level for the run's whole life ------------------------
+    def join(self, levels: list[str]) -> None:
+        for level in levels:
+            self.members_fds.append(_lock_member_file(members_path(self.state, level)))
+
+    def leave(self) -> None:
+        self.release()
+        while self.members_fds:
+            os.close(self.members_fds.pop())
+
+    # the queue -------------------------------------------------------------------------------
+    def _locked(self) -> int:
+        fd = files.open_own(os.path.join(self.state, "lock"), create=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    def enqueue(self, budget: str, reserve: int, argv: list[str]) -> Ticket:
+        lock = self._locked()
+        try:
+            counter = os.path.join(self.state, "counter")
+            fd = files.open_own(counter, create=True)
+            try:
+                number = (files.ascii_int(os.read(fd, 64).decode("ascii", "replace")) or 0) + 1
+                # Fixed width, written in place: no truncation (which costs ms on a busy tmpfs).
+                os.pwrite(fd, f"{number:020d}\n".encode(), 0)
+            finally:
+                os.close(fd)
+            name = f"w-{number:012d}-{os.getpid()}-{os.urandom(3).hex()}"
+            path = os.path.join(self.state, name)
+            ticket = Ticket(number, os.getpid(), budget, reserve, time.time(), False, argv, path)
+            fd = os.open(
+                path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+            )
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            files.write_all(fd, _format(ticket))
+            self.ticket_fd, self.ticket_path = fd, path
+            return ticket
+        finally:
+            os.close(lock)
+
+    def try_admit(self, mine: Ticket, read_chain: Callable[[], list[Level]]) -> Verdict:
+        lock = self._locked()
+        try:
+            verdict = decide(mine, read_tickets(self.state), read_chain())
+            if verdict.admitted and self.ticket_path is not None:
+                running = os.path.join(self.state, "r-" + os.path.basename(self.ticket_path)[2:])
+                os.rename(self.ticket_path, running)  # our lock stays with the file
+                self.ticket_path = running
+            return verdict
+        finally:
+            os.close(lock)
+
+    def release(self) -> None:
+        """Give the reservation back (the run ended, or never started)."""
+        if self.ticket_path is not None:
+            files.unlink(self.ticket_path)
+            self.ticket_path = None
+        if self.ticket_fd is not None:
+            os.close(self.ticket_fd)
+            self.ticket_fd = None
+
+
+def wait_for_admission(
+    queue: Queue,
+    mine: Ticket,
+    read_chain: Callable[[], list[Level]],
+    queue_timeout: float | None,
+    wait: Callable[[float], int | None],
+    say: Callable[[str], None],
+) -> float:
+    """Block until the run is admitted; return the seconds waited. Raises NotAdmitted."""
+    start = time.monotonic()
+    deadline = None if queue_timeout is None else start + queue_timeout
+    said = False
+    seen: int | None = None
+    decided = 0.0
+    verdict: Verdict | None = None
+    while True:
+        stamp = _stamp(queue.state)
+        if verdict is None or stamp != seen or time.monotonic() - decided >= FULL_S:
+            seen, decided = stamp, time.monotonic()
+            verdict = queue.try_admit(mine, read_chain)
+        if verdict.admitted:
+            return time.monotonic() - start
+        if not said:
+            runs = "run" if verdict.ahead == 1 else "runs"
+            say(
+                f"waiting for {format_size(mine.reserve)} in budget {verdict.level}: "
+                f"{verdict.ahead} {runs} ahead, {format_size(verdict.free)} free"
+            )
+            said = True
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            queue.release()
+            raise NotAdmitted(
+                f"gave up after waiting {format_duration(queue_timeout)} for "
+                f"{format_size(mine.reserve)} in budget {verdict.level} (--queue-timeout); "
+                "the command did not run"
+            )
+        signo = wait(POLL_S if left is None else min(POLL_S, left))
+        if signo is not None:
+            queue.release()
+            raise NotAdmitted("signal while waiting for admission: the command did not run", signo)
+
+
+def members_path(state: str, level: str) -> str:
+    return os.path.join(state, "m-" + level.replace("/", "%"))  # names never hold a %
+
+
+def _lock_member_file(path: str) -> int:
+    """LOCK_SH on a members file that is still the one at `path` (gc may unlink it meanwhile)."""
+    for _attempt in range(50):
+        fd = files.open_own(path, create=True)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+    raise SandboxError(f"could not take the budget lock {path}: it keeps being replaced")
+
+
+def _stamp(state: str) -> int | None:
+    try:
+        return os.stat(state).st_mtime_ns
+    except OSError:
+        return None
+
+
+def take_exclusive(state: str, level: str) -> int | None:
+    """For `budget rm` and `gc`: the level's members lock, only if no launcher uses it now."""
+    try:
+        fd = files.open_own(members_path(state, level), create=True)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd

@@ -1,0 +1,206 @@
+"""Budgets: names, the admission decision, tickets as hostile input, the OOM verdict, options."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sandbox.budgets import admission, files
+from sandbox.budgets.admission import Ticket, decide, too_big
+from sandbox.budgets.model import Caps, Level, directory_names, levels, parse_name, segment_of
+from sandbox.budgets.oom import verdict
+from sandbox.core.errors import UsageError
+from sandbox.options import parse_run
+from sandbox.run.presets import default_reservation
+
+G = 1 << 30
+
+
+@pytest.mark.parametrize("name", ["agents", "agents/agent-17", "a", "A.b_c-9", "x/y/z"])
+def test_good_names(name: str) -> None:
+    assert "/".join(parse_name(name)) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "/agents", "agents/", "a//b", "-a", ".a", "_a", "a b", "a/../b", "é", "a" * 101]
+)
+def test_bad_names_name_the_value_and_the_forms(name: str) -> None:
+    with pytest.raises(UsageError) as err:
+        parse_name(name)
+    assert repr(name) in err.value.line() and "agents/agent-17" in err.value.line()
+
+
+def test_levels_and_directories() -> None:
+    parts = parse_name("agents/agent-17")
+    assert levels(parts) == ["agents", "agents/agent-17"]
+    assert directory_names(parts) == ["aero-budget-agents", "aero-budget-agent-17"]
+    assert segment_of("aero-budget-agent-17") == "agent-17"
+    assert segment_of("aero-sandbox-1-abc") is None
+
+
+def level(name: str, cap: int | None, usage: int = 0) -> Level:
+    return Level(name, None, Caps(cap), usage, None)
+
+
+def ticket(number: int, reserve: int, running: bool = False, budget: str = "agents") -> Ticket:
+    return Ticket(number, 100 + number, budget, reserve, 0.0, running, ["true"])
+
+
+def test_fits_when_free_covers_the_reservation() -> None:
+    mine = ticket(3, 2 * G)
+    assert decide(mine, [ticket(1, 1 * G, True), mine], [level("agents", 4 * G, G)]).admitted
+
+
+def test_usage_above_reservations_counts() -> None:
+    mine = ticket(3, 2 * G)
+    found = decide(mine, [ticket(1, 1 * G, True), mine], [level("agents", 4 * G, 3 * G)])
+    assert not found.admitted and found.free == G and found.level == "agents"
+
+
+def test_first_come_first_served_a_big_one_is_not_starved() -> None:
+    # A 3G waiter ahead cannot fit in 2G free; a 1G one behind it would, but waits its turn.
+    big, small = ticket(2, 3 * G), ticket(3, 1 * G)
+    tickets = [ticket(1, 2 * G, True), big, small]
+    chain = [level("agents", 4 * G)]
+    assert not decide(big, tickets, chain).admitted
+    found = decide(small, tickets, chain)
+    assert not found.admitted and found.ahead == 1
+
+
+def test_other_budgets_waiters_do_not_block() -> None:
+    mine = ticket(3, 1 * G, budget="agents/b")
+    tickets = [ticket(1, 3 * G, budget="agents/a"), mine]
+    chain = [level("agents", None), level("agents/b", 2 * G)]
+    assert decide(mine, tickets, chain).admitted
+
+
+def test_nested_the_outer_cap_also_applies() -> None:
+    mine = ticket(2, 2 * G, budget="agents/b")
+    tickets = [ticket(1, 3 * G, True, budget="agents/a"), mine]
+    chain = [level("agents", 4 * G), level("agents/b", 12 * G)]
+    found = decide(mine, tickets, chain)
+    assert not found.admitted and found.level == "agents"
+
+
+def test_a_reservation_no_cap_can_hold_is_refused() -> None:
+    assert "can never fit in budget agents" in (too_big(5 * G, [level("agents", 4 * G)]) or "")
+    assert too_big(5 * G, [level("agents", None)]) is None
+
+
+def test_ticket_round_trip_and_hostile_contents() -> None:
+    text = admission._format(Ticket(7, 42, "agents", G, 1.5, False, ["echo", "a\nb"]))
+    parsed = admission.parse(text, "/x/w-000000000007-42-abcdef")
+    assert parsed is not None and parsed.number == 7 and parsed.argv == ["echo", "a\nb"]
+    assert not parsed.running
+    for bad in (text.replace("pid 42", "pid ²"), text.replace("reserve", "reserve x"), "junk"):
+        assert admission.parse(bad, "/x/w-000000000007-42-abcdef") is None
+    assert admission.parse(text, "/x/q-000000000007-42-abcdef") is None
+
+
+def test_reader_refuses_symlinks_fifos_and_huge_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    target = tmp_path / "target"
+    target.write_text("secret")
+    os.symlink(target, tmp_path / "w-000000000001-1-aaaaaa")
+    os.mkfifo(tmp_path / "w-000000000002-1-aaaaaa")
+    (tmp_path / "w-000000000003-1-aaaaaa").write_bytes(b"x" * (files.MAX_BYTES + 1))
+    assert files.read_own(str(tmp_path / "w-000000000001-1-aaaaaa")) is None
+    assert files.read_own(str(tmp_path / "w-000000000002-1-aaaaaa")) is None  # no hang
+    assert files.read_own(str(tmp_path / "w-000000000003-1-aaaaaa")) is None
+    assert admission.read_tickets(str(tmp_path)) == []
+
+
+def test_oom_verdict() -> None:
+    assert verdict(False, True, ["agents"], ["agents"]) is None  # a sibling's OOM: not us
+    assert verdict(True, True, [], ["agents"]) == ("oom", None)
+    assert verdict(True, False, ["agents"], ["agents"]) == ("budget_oom", "agents")
+    assert verdict(True, False, [], ["a", "a/b"]) == ("oom", None)  # a limit above the budget
+    assert verdict(True, True, ["a"], ["a"]) == ("budget_oom", "a")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["cargo", "build", "--release", "--locked"], 8 * G),
+        (["cargo", "+nightly", "build", "-r"], 8 * G),
+        (["cargo", "test", "--locked"], 4 * G),
+        (["env", "X=1", "cargo", "build"], 4 * G),
+        (["wasm-pack", "build"], 4 * G),
+        (["npx", "playwright", "test"], 2 * G),
+        (["cargo", "fmt"], None),
+        (["ls"], None),
+    ],
+)
+def test_agent_preset_reservations(argv: list[str], expected: int | None) -> None:
+    assert default_reservation(argv) == expected
+
+
+def test_run_options() -> None:
+    request = parse_run(
+        ["--budget", "agents/a", "--reserve", "1G", "--queue-timeout", "1m", "true"], {}
+    )
+    assert (request.budget, request.reserve, request.queue_timeout) == ("agents/a", G, 60.0)
+    env = {"AERO_BUDGET": "agents", "AERO_BUDGET_MEM": "12G"}
+    request = parse_run(["--preset", "agent", "cargo", "build", "--release"], env)
+    assert (request.budget, request.budget_mem, request.reserve) == ("agents", 12 * G, 8 * G)
+    request = parse_run(["--preset", "agent", "--reserve", "1G", "cargo", "build"], env)
+    assert request.reserve == G  # overridable
+    for args in (["--reserve", "1G", "true"], ["--budget", "a//b", "true"]):
+        with pytest.raises(UsageError):
+            parse_run(args, {})
+    with pytest.raises(UsageError):
+        parse_run(["--budget", "a", "--parent", "x", "true"], {})
+    for backend in ("rlimit", "systemd"):
+        with pytest.raises(UsageError, match="--budget needs the cgroup backend"):
+            parse_run(["--backend", backend, "true"], {"AERO_BUDGET": "agents"})
+
+
+# -- cgroup v2 on a fake tree (the development host has no v2 memory controller) ---------------
+def fake_v2(tmp_path) -> tuple[object, str]:  # type: ignore[no-untyped-def]
+    from sandbox.cgroups.cgroupfs import Hierarchy
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "cgroup.controllers").write_text("memory pids\n")
+    (own / "cgroup.subtree_control").write_text("memory pids\n")
+    return Hierarchy(2, str(tmp_path), frozenset({"memory", "pids"}), str(own)), str(own)
+
+
+def test_v2_levels_caps_and_reading(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sandbox.budgets import cgroup as levels_fs
+
+    place, own = fake_v2(tmp_path)
+    parts = ("agents", "agent-17")
+    made = levels_fs.ensure([place], parts)  # type: ignore[list-item]
+    assert made == [f"{own}/aero-budget-agents", f"{own}/aero-budget-agents/aero-budget-agent-17"]
+    inner = made[-1]
+    for name, text in (("memory.current", "1048576\n"), ("memory.max", "max\n"),
+                       ("pids.max", "max\n"), ("memory.peak", "2097152\n")):  # fmt: skip
+        (tmp_path / inner.removeprefix(str(tmp_path) + "/") / name).write_text(text)
+    levels_fs.set_caps([place], parts, Caps(12 * G, 100))  # type: ignore[list-item]
+    level = levels_fs.read_level([place], parts)  # type: ignore[list-item]
+    assert (level.caps.memory_bytes, level.caps.pids, level.usage_bytes) == (12 * G, 100, 1 << 20)
+    assert level.peak_bytes == 2 << 20
+    levels_fs.set_caps([place], parts, Caps(None, None))  # type: ignore[list-item]
+    assert levels_fs.read_level([place], parts).caps == Caps(None, None)  # type: ignore[list-item]
+    with pytest.raises(Exception, match="its members use 1.0 MiB"):
+        levels_fs.set_caps([place], parts, Caps(4096, None))  # type: ignore[list-item]
+
+
+def test_v2_budget_watch_tells_a_budget_oom_from_its_own(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sandbox.budgets.oom import BudgetWatch
+
+    outer, inner, sandbox = (tmp_path / n for n in ("outer", "inner", "sandbox"))
+    for path in (outer, inner, sandbox):
+        path.mkdir()
+        (path / "memory.events.local").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n")
+    watch = BudgetWatch("a/b", [("a", str(outer)), ("a/b", str(inner))], 2)
+    assert watch.classify(str(sandbox), 2) is None  # nothing happened
+    (outer / "memory.events.local").write_text("max 3\noom 1\noom_kill 0\n")
+    assert watch.classify(str(sandbox), 2) is None  # a neighbour was the victim
+    (sandbox / "memory.events.local").write_text("max 0\noom 0\noom_kill 1\noom_group_kill 1\n")
+    assert watch.classify(str(sandbox), 2) == "budget_oom"
+    assert watch.describe()["ran_out"]["budget"] == "a"  # type: ignore[index]
+    own = BudgetWatch("a/b", [("a", str(outer)), ("a/b", str(inner))], 2)
+    (sandbox / "memory.events.local").write_text("max 5\noom 1\noom_kill 2\n")
+    assert own.classify(str(sandbox), 2) == "oom"  # its own memory.max; no level ran out since

@@ -56,7 +56,10 @@ def list_command(as_json: bool) -> None:
     """
     from sandbox.registry import inventory
 
-    rows = inventory.live_sandboxes()
+    notes: list[str] = []
+    rows = inventory.live_sandboxes(notes)
+    for note in notes:  # an entry another user planted or broke: said, and the rest is listed
+        click.echo(f"aero-sandbox: {inventory.printable(note)}", err=True)
     if as_json:
         import json
 

@@ -39,6 +39,10 @@ def say(request: RunRequest, text: str, level: int = 0) -> None:
 
 def execute(request: RunRequest) -> int:
     start = time.monotonic()
+    if request.report:  # a report that can never be written fails now, not after the command
+        from sandbox.core.safefile import check_writable
+
+        check_writable(request.report)
     # Before anything can start a thread (pystemd's bus, a backend): a thread created with these
     # signals unblocked would take them, and the signalfd would never see them.
     supervisor.block_signals()
@@ -66,7 +70,7 @@ def execute(request: RunRequest) -> int:
                 detail="the command exited 0 but its expected output is not there: "
                 + "; ".join(problems),
             )
-    line = message(result)
+    line = message(result, attempt.enclosing)
     if line:
         say(request, line)
     if request.verbosity > 0 and result.reason != Reason.ERROR:
@@ -82,7 +86,10 @@ def execute(request: RunRequest) -> int:
         data["retried_for"] = retried_for
         if request.expect:
             data["expect"] = {"paths": request.expect, "problems": problems}
-        write_report(request.report, data)
+        try:
+            write_report(request.report, data)
+        except SandboxError as err:  # the command's own status stays the exit status
+            say(request, err.line())
     return result.exit_code
 
 

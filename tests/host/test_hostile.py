@@ -486,11 +486,19 @@ def entry_script() -> list[str]:
 
 
 def python_start_up_failure(stderr: str) -> bool:
-    """Python's own start-up interrupted (its core imports io, codecs): before any of our code
-    runs and beyond its reach."""
-    ours = ("bin/aero-sandbox", "/sandbox/", "/fallback/")
-    before_line_one = stderr.replace('bin/aero-sandbox", line 0,', "")  # still compiling it
-    return "KeyboardInterrupt" in stderr and not any(mark in before_line_one for mark in ours)
+    """Python's own start-up interrupted (its core imports io and codecs, checks argv[0] with
+    zipimport, compiles the script): before any of our code runs, and beyond its reach."""
+    import re
+
+    frames = re.findall(r'File "([^"]+)", line (\d+)', stderr)
+    ours = [
+        path
+        for path, line in frames
+        if "/sandbox/" in path
+        or "/fallback/" in path
+        or (path.endswith("aero-sandbox") and line != "0")  # line 0: still compiling it
+    ]
+    return "KeyboardInterrupt" in stderr and not ours
 
 
 def test_early_signals_give_no_traceback_and_leave_nothing(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import pytest
 
 from tests.conftest import LAUNCHER, ROOT, launcher_env, read_report, run_launcher, wait_until
 from tests.host.conftest import is_root
+from tests.host.test_containers import delegated, limit_file, remove_cgroup_tree, started
 from tests.programs import ALLOCATE
 
 OTHER = 4242
@@ -329,28 +330,6 @@ def test_gc_removes_nothing_another_users_entry_names(tmp_path: Path) -> None:
             subprocess.run(["rm", "-rf", str(fake_root)], check=True)
 
 
-@contextlib.contextmanager
-def live_sandbox(argv: list[str]) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [*LAUNCHER, "--", *argv],
-        env=launcher_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # forwarded to the command; the launcher cleans up
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-
-
 HOSTILE_ENTRIES = ["started abc", "pid ²", "fifo", "symlink to /dev/zero", "2 MiB", "not theirs"]
 
 
@@ -372,9 +351,8 @@ def plant_hostile_entries(directory: Path) -> None:
 
 def test_hostile_entries_are_skipped_with_a_note_and_list_shows_the_rest(tmp_path: Path) -> None:
     tag = f"hostile-{os.urandom(3).hex()}"
-    with user_registry() as directory, live_sandbox(
-        ["sh", "-c", "sleep 60", f"{tag}\x1b[31m\x07red"]
-    ) as proc:
+    command = ["sh", "-c", "sleep 60", f"{tag}\x1b[31m\x07red"]
+    with user_registry() as directory, started([*LAUNCHER, "--", *command]) as proc:
         plant_hostile_entries(directory)
         listed = lambda: tag in run_launcher(["list"], timeout=60).stdout  # noqa: E731
         assert wait_until(listed, timeout=30), proc.stderr
@@ -439,8 +417,6 @@ def test_a_root_command_undoes_its_limits_only_without_protection(
 
 # -- the OOM line -------------------------------------------------------------------------------
 def test_the_oom_line_names_the_enclosing_limit_that_was_hit(tmp_path: Path) -> None:
-    from tests.host.test_containers import delegated, limit_file, remove_cgroup_tree
-
     with delegated() as bases:
         hierarchy, base = next(
             ((h, b) for h, b in bases if "memory" in h.controllers),

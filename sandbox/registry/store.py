@@ -232,11 +232,17 @@ def sweep(directory: str) -> list[str]:
         except BadEntry:
             entry = None  # a write that never finished, or not ours to judge: only unlinked
         cgroups = entry["sandbox"].get("cgroups") if entry else None
-        if isinstance(cgroups, dict) and any(os.path.isdir(str(p)) for p in cgroups.values()):
+        if isinstance(cgroups, dict) and any(_maybe_there(str(p)) for p in cgroups.values()):
             continue
         _unlink(path)
         removed.append(path)
     return removed
+
+
+def _maybe_there(cgroup: str) -> bool:
+    """The cgroup exists, or we cannot see where it would be: a launcher in a container with
+    its own cgroup mounts shares /run with the host but not the host's cgroup paths."""
+    return os.path.isdir(cgroup) or not os.path.isdir(os.path.dirname(cgroup))
 
 
 def directories() -> list[tuple[str, int]]:

@@ -1,5 +1,9 @@
 import sys
 
-from sandbox.cli import main
+try:
+    from sandbox.cli import main
 
-sys.exit(main())
+    code = main()
+except KeyboardInterrupt:  # ^C while Python still loads us (the first ~20 ms): no traceback
+    code = 130
+sys.exit(code)

@@ -58,8 +58,11 @@ def list_command(as_json: bool) -> None:
     from sandbox.budgets.manage import waiting_runs
     from sandbox.registry import inventory
 
-    rows = inventory.live_sandboxes() + waiting_runs()
+    notes: list[str] = []
+    rows = inventory.live_sandboxes(notes) + waiting_runs()
     rows.sort(key=lambda row: row["started"])
+    for note in notes:  # an entry another user planted or broke: said, and the rest is listed
+        click.echo(f"aero-sandbox: {inventory.printable(note)}", err=True)
     if as_json:
         import json
 

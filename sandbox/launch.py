@@ -41,6 +41,10 @@ def say(request: RunRequest, text: str, level: int = 0) -> None:
 
 def execute(request: RunRequest) -> int:
     start = time.monotonic()
+    if request.report:  # a report that can never be written fails now, not after the command
+        from sandbox.core.safefile import check_writable
+
+        check_writable(request.report)
     # Before anything can start a thread (pystemd's bus, a backend): a thread created with these
     # signals unblocked would take them, and the signalfd would never see them.
     supervisor.block_signals()
@@ -68,7 +72,7 @@ def execute(request: RunRequest) -> int:
                 detail="the command exited 0 but its expected output is not there: "
                 + "; ".join(problems),
             )
-    line = message(result)
+    line = message(result, attempt.enclosing)
     if line:
         say(request, line)
     if request.verbosity > 0 and result.reason != Reason.ERROR:
@@ -77,7 +81,10 @@ def execute(request: RunRequest) -> int:
         from sandbox import report  # only when asked for: not on every run's path
 
         data = report.build(request, attempt, result, retried_for, problems)
-        report.write(request.report, data)
+        try:
+            report.write(request.report, data)
+        except SandboxError as err:  # the command's own status stays the exit status
+            say(request, err.line())
     return result.exit_code
 
 

@@ -8,6 +8,8 @@ Command-line values win over environment values.
 
 from __future__ import annotations
 
+import os
+
 from sandbox.backends.selection import CHOICES
 from sandbox.core.errors import UsageError
 from sandbox.core.frozen import Frozen
@@ -27,6 +29,9 @@ from sandbox.run import retry
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+
+PROTECT_ENV = "AERO_PROTECT_LIMITS"
 
 
 class Option(Frozen):
@@ -150,6 +155,14 @@ OPTIONS = (
         None,
         "after exit 0, PATH must exist and not be empty, else exit 123; repeatable",
     ),
+    Option(
+        ("--protect-limits",),
+        "protect",
+        None,
+        PROTECT_ENV,
+        "keep a root command from undoing its limits: cgroup filesystems read-only in a private "
+        "mount namespace, CAP_SYS_ADMIN and CAP_SYS_RESOURCE dropped (root only; env 1/0)",
+    ),
     Option(("-q", "--quiet"), "quiet", None, None, "no launcher lines on stderr"),
     Option(("-v", "--verbose"), "verbose", None, None, "say which backend and limits are used"),
 )
@@ -244,6 +257,12 @@ def build_request(
     kill_after = parse_grace(*get("kill_after", str(DEFAULT_KILL_AFTER_S)))
     as_text = _value("address_space", values, environ)
     address_space = None if as_text is None else parse_size(*as_text) or AS_UNLIMITED
+    protected = "protect" in flags or _env_flag(PROTECT_ENV, environ)
+    if protected and os.geteuid() != 0:
+        raise UsageError(
+            "--protect-limits needs root: it guards against a root command; a command that is "
+            "not root cannot write the root-owned cgroup files anyway"
+        )
     backend, where = get("backend", "auto")
     if backend not in CHOICES:
         raise UsageError(f"invalid {where} value {backend!r}: expected one of {', '.join(CHOICES)}")
@@ -277,7 +296,7 @@ def build_request(
         )
     return RunRequest(
         argv,
-        Limits(mem, pids, timeout, kill_after, address_space),
+        Limits(mem, pids, timeout, kill_after, address_space, protected),
         backend,
         report,
         verbosity,
@@ -323,6 +342,15 @@ def _budget_options(
 
         reserve = default_reservation(argv)
     return budget, sizes["budget_mem"], reserve, queue_timeout
+
+
+def _env_flag(name: str, environ: Mapping[str, str]) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in ("", "0", "no", "false", "off"):
+        return False
+    if raw in ("1", "yes", "true", "on"):
+        return True
+    raise UsageError(f"invalid {name} value {environ[name]!r}: expected 1 or 0 (yes/no)")
 
 
 def parse_slice(text: str, where: str = "--slice") -> str:

@@ -20,7 +20,7 @@ def launcher_pid(name: str) -> int | None:
     if not name.startswith(PREFIX):
         return None
     pid, _, ident = name[len(PREFIX) :].partition("-")
-    return int(pid) if pid.isdigit() and ident else None
+    return int(pid) if pid.isascii() and pid.isdigit() and ident else None
 
 
 def pid_exists(pid: int) -> bool:

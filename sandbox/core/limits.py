@@ -27,6 +27,14 @@ SIZE_FORMS = (
 )
 DURATION_FORMS = "seconds (90, 2.5) or s/m/h units combined (1.5m, 10m, 1h30m); 0 means none"
 PIDS_FORMS = "a positive whole number of tasks, or unlimited"
+# A limit below one page cannot hold a process at all (and `--as` 0 would read as "no cap").
+MIN_SIZE = 4096
+MAX_SIZE = (1 << 63) - 1  # the kernel's counters are signed 64-bit
+# poll() takes a C int of milliseconds (24.8 days) and monotonic deadlines lose precision far
+# out: a year is longer than any build, and a typo (1e300) is an error, not "forever".
+MAX_DURATION_S = 366 * 86400.0
+# The kernel's PID_MAX_LIMIT on 64-bit: pids.max accepts nothing larger.
+MAX_PIDS = 1 << 22
 
 
 class Limits(Frozen):
@@ -37,9 +45,18 @@ class Limits(Frozen):
     timeout_s: float | None = None
     kill_after_s: float = DEFAULT_KILL_AFTER_S
     address_space_bytes: int | None = None
+    protected: bool = False  # --protect-limits: a root command cannot undo them (core/protect.py)
+
+
+def is_ascii_digits(text: str) -> bool:
+    """str.isdigit() also takes "²" and "١", which int() then refuses: ASCII digits only."""
+    return text.isascii() and text.isdigit()
 
 
 def _number(text: str) -> float | None:
+    # float() also takes "1_000", "١٢" and surrounding spaces: plain ASCII forms only.
+    if not text.isascii() or "_" in text or text != text.strip():
+        return None
     try:
         value = float(text)
     except ValueError:
@@ -61,7 +78,7 @@ def parse_size(text: str, what: str = "--mem") -> int | None:
         value = _number(raw[:-1])
         if value is None or not 0 < value <= 100:
             raise UsageError(f"invalid {what} value {text!r}: expected {SIZE_FORMS}")
-        return int(physical_memory() * value / 100)
+        return _size_in_range(int(physical_memory() * value / 100), text, what)
     body = raw.removesuffix("b")
     binary_marker = body.endswith("i")  # "Gi", "GiB": only valid after a unit letter
     body = body.removesuffix("i")
@@ -71,21 +88,38 @@ def parse_size(text: str, what: str = "--mem") -> int | None:
         value = None
     if value is None or value <= 0 or (unit == "" and value != int(value)):
         raise UsageError(f"invalid {what} value {text!r}: expected {SIZE_FORMS}")
-    return int(value * _SIZE_UNITS[unit])
+    return _size_in_range(value * _SIZE_UNITS[unit], text, what)
+
+
+def _size_in_range(value: float, text: str, what: str) -> int:
+    if not MIN_SIZE <= value <= MAX_SIZE:
+        raise UsageError(
+            f"invalid {what} value {text!r}: expected at least one page ({MIN_SIZE} bytes) and "
+            f"at most 8 EiB, as {SIZE_FORMS}"
+        )
+    return int(value)
 
 
 def parse_duration(text: str, what: str = "--timeout") -> float | None:
     """Seconds, or None for 0 (no timeout)."""
     raw = text.strip().lower()
     error = UsageError(f"invalid {what} value {text!r}: expected {DURATION_FORMS}")
-    plain = _number(raw)
-    if plain is not None:
-        if plain < 0:
-            raise error
-        return plain or None
+    total = _number(raw)
+    if total is None:
+        total = _duration_with_units(raw, error)
+    if total < 0:
+        raise error
+    if total > MAX_DURATION_S:
+        raise UsageError(
+            f"invalid {what} value {text!r}: more than a year; expected {DURATION_FORMS}"
+        )
+    return total or None
+
+
+def _duration_with_units(raw: str, error: UsageError) -> float:
     total, number, seen = 0.0, "", ""
     for char in raw:
-        if char.isdigit() or char == ".":
+        if is_ascii_digits(char) or char == ".":
             number += char
         elif char in _DURATION_UNITS and number and char not in seen:
             value = _number(number)
@@ -97,7 +131,7 @@ def parse_duration(text: str, what: str = "--timeout") -> float | None:
             raise error
     if number or not seen:
         raise error
-    return total or None
+    return total
 
 
 def parse_grace(text: str, what: str = "--kill-after") -> float:
@@ -109,8 +143,10 @@ def parse_pids(text: str, what: str = "--pids") -> int | None:
     raw = text.strip().lower()
     if raw in _UNLIMITED:
         return None
-    if not raw.isdigit() or int(raw) <= 0:
-        raise UsageError(f"invalid {what} value {text!r}: expected {PIDS_FORMS}")
+    if not is_ascii_digits(raw) or not 0 < int(raw) <= MAX_PIDS:
+        raise UsageError(
+            f"invalid {what} value {text!r}: expected {PIDS_FORMS} (at most {MAX_PIDS})"
+        )
     return int(raw)
 
 

@@ -121,8 +121,14 @@ def signal_name(signo: int) -> str:
     return f"signal {signo}"
 
 
-def message(result: RunResult) -> str | None:
-    """The one stderr line for an abnormal ending, or None when there is nothing to say."""
+def message(
+    result: RunResult, enclosing: tuple[int | None, str | None] = (None, None)
+) -> str | None:
+    """The one stderr line for an abnormal ending, or None when there is nothing to say.
+
+    `enclosing` is the smallest memory limit of a cgroup around the sandbox and where it is set
+    (sandbox/cgroups/enclosing.py): when it is below --mem, it is the limit the command hit.
+    """
     usage, limits = result.usage, result.limits
     if result.reason == Reason.TIMEOUT:
         how = (
@@ -133,6 +139,13 @@ def message(result: RunResult) -> str | None:
         return f"timed out after {format_duration(limits.timeout_s)}; {how}"
     if result.reason == Reason.OOM:
         peak = format_size(usage.peak_memory_bytes) if usage.peak_memory_bytes else "unknown"
+        above, where = enclosing
+        if above is not None and (limits.memory_bytes is None or above < limits.memory_bytes):
+            return (
+                f"killed for memory: the command reached the {format_size(above)} limit of "
+                f"{where}, below its --mem of {format_size(limits.memory_bytes)} (peak {peak}); "
+                "raise that cgroup's limit or make it use less"
+            )
         return (
             f"killed for memory: the command reached its {format_size(limits.memory_bytes)} limit "
             f"(peak {peak}); raise --mem or make it use less"
@@ -176,17 +189,10 @@ def _budget_oom_line(budget: object) -> str:
 
 
 def write_report(path: str, data: dict[str, Any]) -> None:
+    """Write the report safely (sandbox/core/safefile.py); raises SandboxError with one line."""
     import json  # only when a report is asked for: ~7 ms
 
-    # A symlink (/dev/stdout) or not a regular file (a FIFO): write into it. Renaming over it
-    # would replace the link or node itself (as root, /dev/stdout became a regular file).
-    if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
-        with open(path, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    from sandbox.core import safefile
+
+    text = json.dumps(data, indent=2) + "\n"
+    safefile.write_atomic(path, text.encode("utf-8", "surrogateescape"))

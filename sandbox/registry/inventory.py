@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 import time
 from typing import Any
 
@@ -28,23 +29,27 @@ _V1_UNLIMITED = 1 << 60
 
 
 # -- list -------------------------------------------------------------------------------------
-def live_sandboxes() -> list[dict[str, Any]]:
+def live_sandboxes(notes: list[str] | None = None) -> list[dict[str, Any]]:
     """Every sandbox the caller may see, oldest first.
 
     A sandbox whose launcher died while processes still run in its cgroups (the guardian was
     killed too) is listed with `launcher_alive: false`: gc leaves it, a person must decide.
+    An entry that is unsafe to read or malformed is skipped, with a line in `notes`.
     """
     rows = []
     now = time.time()
     limits_above: dict[str, int | None] = {}
     processes = ProcessTable()
-    for directory in registry.directories():
+    for directory, uid in registry.directories():
         for path in registry.paths(directory):
             live = registry.is_live(path)
-            entry = registry.read(path)
-            if entry is None:
+            try:
+                entry = registry.load(path, uid)
+            except registry.BadEntry as err:
+                if notes is not None:
+                    notes.append(f"skipped registry entry {path}: {err}")
                 continue
-            cgroups = _cgroups(entry)
+            cgroups = _cgroups(entry, uid)
             if not live and not any(cgroupfs.procs(p) for p in cgroups.values()):
                 continue  # a dead launcher's entry: gc's business
             rows.append(_row(entry, cgroups, live, now, limits_above, processes))
@@ -52,11 +57,58 @@ def live_sandboxes() -> list[dict[str, Any]]:
     return rows
 
 
-def _cgroups(entry: dict[str, Any]) -> dict[str, str]:
+def _cgroups(entry: dict[str, Any], uid: int) -> dict[str, str]:
+    """The entry's sandbox cgroups that are what it says: see sandbox_cgroup()."""
     found = entry["sandbox"].get("cgroups")
     if not isinstance(found, dict):
         return {}
-    return {k: v for k, v in found.items() if isinstance(v, str) and os.path.isdir(v)}
+    return {k: v for k, v in found.items() if isinstance(v, str) and sandbox_cgroup(v, uid)}
+
+
+def made_by_us(name: str) -> bool:
+    """A cgroup name aero-sandbox gives what it creates: `aero-sandbox-<launcher pid>-<id>`.
+
+    The one place gc asks "may this be ours?"; add the names of other things we create here.
+    """
+    return identity.launcher_pid(name) is not None
+
+
+_MOUNTS: list[tuple[str, int]] | None = None
+
+
+def _cgroup_mounts() -> list[tuple[str, int]]:
+    """(mount point, device) of every cgroup filesystem we can see, read once."""
+    global _MOUNTS
+    if _MOUNTS is None:
+        _MOUNTS = []
+        for mount in sorted({h.mount for h in cgroupfs.discover(read_controllers=False)}):
+            try:
+                _MOUNTS.append((mount, os.stat(mount).st_dev))
+            except OSError:
+                pass
+    return _MOUNTS
+
+
+def sandbox_cgroup(path: str, uid: int | None = None) -> bool:
+    """Whether `path` is a sandbox cgroup gc may consider: a real directory (no symlink on the
+    way) on a cgroup filesystem below one of its mounts, with our name, owned by `uid` or root
+    when given (the uid of the registry entry naming it; systemd makes scopes as root). A path
+    that only an entry names is never trusted for more: gc also checks that it is empty and
+    that the launcher pid in its name is gone."""
+    if not path.startswith("/") or os.path.realpath(path) != path or not made_by_us(
+        os.path.basename(path)
+    ):
+        return False
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid not in (uid, 0)):
+        return False
+    return any(
+        path.startswith(mount.rstrip("/") + "/") and info.st_dev == device
+        for mount, device in _cgroup_mounts()
+    )
 
 
 def _row(
@@ -190,7 +242,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 size(row["peak_memory_bytes"]),
                 size(limit) if limit is not None else "none",
                 "-" if row["tasks"] is None else str(row["tasks"]),
-                shlex.join(row["command"]),
+                printable(shlex.join(row["command"])),
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
@@ -200,6 +252,22 @@ def table(rows: list[dict[str, Any]]) -> str:
         + line[-1]
         for line in lines
     )
+
+
+def printable(text: str) -> str:
+    """Control characters (an escape sequence in a command line is not for root's terminal) and
+    undecodable bytes as backslash escapes."""
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if char.isprintable():
+            out.append(char)
+        elif 0xDC80 <= ord(char) <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{ord(char) - 0xDC00:02x}")
+        else:
+            out.append(repr(char)[1:-1])  # \x1b, \n, \u2028
+    return "".join(out)
 
 
 def size(value: int | None) -> str:
@@ -239,19 +307,25 @@ def collect(dry_run: bool = False, parents: list[str] | None = None) -> Collecti
     done = Collection()
     claimed: set[str] = set()
     scan: set[str] = set(parents or [])
-    stale: list[tuple[str, dict[str, Any] | None]] = []
-    for directory in registry.directories():
+    stale: list[tuple[str, list[str]]] = []
+    for directory, uid in registry.directories():
         for path in _all_entries(directory):
-            entry = registry.read(path)
-            cgroups = list(_cgroups(entry).values()) if entry else []
+            try:
+                entry: dict[str, Any] | None = registry.load(path, uid)
+            except registry.BadEntry as err:
+                entry = None
+                if path.rpartition("/")[2][:1] != ".":  # a dot file: a write that never ended
+                    done.kept.append(f"{path}: not read ({err}), so not removed either")
+                    continue
+            cgroups = list(_cgroups(entry, uid).values()) if entry else []
             scan.update(os.path.dirname(p) for p in cgroups)
             if registry.is_live(path):
                 claimed.update(cgroups)
             else:
-                stale.append((path, entry))
-    for path, entry in stale:
+                stale.append((path, cgroups))
+    for path, cgroups in stale:
         busy = False
-        for cgroup in _cgroups(entry).values() if entry else ():
+        for cgroup in cgroups:
             busy = not _remove_cgroup(cgroup, done, dry_run) or busy
         if busy:
             done.kept.append(f"{path}: its launcher is gone but its sandbox still runs")
@@ -275,7 +349,7 @@ def collect(dry_run: bool = False, parents: list[str] | None = None) -> Collecti
             pid = identity.launcher_pid(name)
             path = os.path.join(parent, name)
             seen = path in claimed or path in done.cgroups or path in done.busy
-            if pid is None or seen or identity.pid_exists(pid):
+            if pid is None or seen or identity.pid_exists(pid) or not sandbox_cgroup(path):
                 continue
             _remove_cgroup(path, done, dry_run)
     return done
@@ -316,9 +390,17 @@ def _all_entries(directory: str) -> list[str]:
 
 
 def _remove_cgroup(path: str, done: Collection, dry_run: bool) -> bool:
-    """Remove an empty leftover cgroup tree; False (and a note) when processes still run in it."""
+    """Remove an empty leftover cgroup tree; False (and a note) when processes still run in it.
+
+    Only ever called with a path sandbox_cgroup() accepted: rmdir on a cgroup filesystem
+    removes a cgroup, never anyone's files.
+    """
     if not os.path.isdir(path):
         return True
+    pid = identity.launcher_pid(os.path.basename(path))
+    if pid is not None and pid != os.getpid() and identity.pid_exists(pid):
+        done.kept.append(f"{path}: its launcher (pid {pid}) still runs")
+        return False
     left = cgroupfs.procs(path)
     if left:
         if path not in done.busy:

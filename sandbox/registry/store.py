@@ -30,6 +30,7 @@ backslash and newline escaped; `arg` repeats, once per argv element:
 from __future__ import annotations
 
 import os
+import stat
 import time
 
 from sandbox.core import identity
@@ -177,10 +178,21 @@ def _unlink(path: str) -> None:
 
 
 # -- the readers' side (list, gc) ---------------------------------------------------------------
+# A registry directory is other users' input to root's `list` and `gc`: an entry is read only
+# from a directory owned by the uid it claims (the uid in its name; root's in /run), only when
+# that uid owns the entry too, never through a symlink, never from a FIFO, and never more than:
+MAX_ENTRY_BYTES = 1 << 20  # a command line near ARG_MAX (2 MiB) is cut short here, not read
+
+
+class BadEntry(Exception):
+    """An entry that is unsafe to read or malformed: skipped, with this as the note."""
+
+
 def is_live(path: str) -> bool:
     """A launcher still holds the entry's lock."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         return False
     except OSError:
@@ -210,36 +222,71 @@ def sweep(directory: str) -> list[str]:
         return removed
     for name in names:
         pid = name.lstrip(".").partition("-")[0]
-        if not pid.isdigit() or identity.pid_exists(int(pid)):
+        if not (pid.isascii() and pid.isdigit()) or identity.pid_exists(int(pid)):
             continue
         path = os.path.join(directory, name)
         if is_live(path):
             continue
-        entry = read(path)
+        try:
+            entry: dict[str, Any] | None = load(path, os.geteuid())
+        except BadEntry:
+            entry = None  # a write that never finished, or not ours to judge: only unlinked
         cgroups = entry["sandbox"].get("cgroups") if entry else None
-        if isinstance(cgroups, dict) and any(os.path.isdir(str(p)) for p in cgroups.values()):
+        if isinstance(cgroups, dict) and any(_maybe_there(str(p)) for p in cgroups.values()):
             continue
         _unlink(path)
         removed.append(path)
     return removed
 
 
-def directories() -> list[str]:
-    """Every registry directory this user may read: root sees all users' directories."""
-    found = [own_directory()]
-    candidates = [ROOT_DIRECTORY]
+def _maybe_there(cgroup: str) -> bool:
+    """The cgroup exists, or we cannot see where it would be: a launcher in a container with
+    its own cgroup mounts shares /run with the host but not the host's cgroup paths."""
+    return os.path.isdir(cgroup) or not os.path.isdir(os.path.dirname(cgroup))
+
+
+def directories() -> list[tuple[str, int]]:
+    """Every registry directory this user may read, with the uid whose entries it holds.
+
+    Root sees all users' directories. A directory counts only when it is a real directory (not
+    a symlink) owned by that uid and writable by nobody else: /tmp/aero-sandbox-evil, or a
+    /tmp/aero-sandbox-0 that uid 4242 made, is nobody's registry.
+    """
+    me = os.geteuid()
+    candidates = [(own_directory(), me), (ROOT_DIRECTORY, 0)]
     try:
-        candidates += [f"/run/user/{d}/aero-sandbox" for d in os.listdir("/run/user")]
+        candidates += [
+            (f"/run/user/{name}/aero-sandbox", int(name))
+            for name in os.listdir("/run/user")
+            if name.isascii() and name.isdigit()
+        ]
     except OSError:
         pass
     try:
-        candidates += [f"/tmp/{n}" for n in os.listdir("/tmp") if n.startswith("aero-sandbox-")]
+        for name in os.listdir("/tmp"):
+            number = name[len("aero-sandbox-") :]
+            if name.startswith("aero-sandbox-") and number.isascii() and number.isdigit():
+                candidates.append((f"/tmp/{name}", int(number)))
     except OSError:
         pass
-    for candidate in candidates:
-        if candidate not in found and os.access(candidate, os.R_OK | os.X_OK):
-            found.append(candidate)
-    return [d for d in found if os.path.isdir(d)]
+    found: list[tuple[str, int]] = []
+    for directory, uid in candidates:
+        if (directory, uid) not in found and _trusted_directory(directory, uid):
+            found.append((directory, uid))
+    return found
+
+
+def _trusted_directory(directory: str, uid: int) -> bool:
+    try:
+        info = os.lstat(directory)
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(info.st_mode)
+        and info.st_uid == uid
+        and not info.st_mode & 0o022
+        and os.access(directory, os.R_OK | os.X_OK)
+    )
 
 
 def paths(directory: str) -> list[str]:
@@ -248,23 +295,42 @@ def paths(directory: str) -> list[str]:
         names = os.listdir(directory)
     except OSError:
         return []
-    return [os.path.join(directory, n) for n in names if n[:1].isdigit()]
+    return [os.path.join(directory, n) for n in names if n[:1].isascii() and n[:1].isdigit()]
 
 
-def read(path: str) -> dict[str, Any] | None:
-    """An entry as a dict (argv, limits, sandbox description...), or None if unreadable."""
+def read(path: str, owner: int | None = None) -> dict[str, Any] | None:
+    """An entry as a dict (argv, limits, sandbox description...), or None if unusable."""
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
-    except OSError:
+        return load(path, owner)
+    except BadEntry:
         return None
-    return parse(text, path)
+
+
+def load(path: str, owner: int | None) -> dict[str, Any]:
+    """An entry as a dict; raises BadEntry (why, in one line) for an unsafe or malformed one.
+
+    `owner`: the uid that must own the file (None: anyone's, for the caller's own directory).
+    """
+    from sandbox.core.safefile import read_shared
+
+    try:
+        data = read_shared(path, owner, MAX_ENTRY_BYTES)
+    except OSError as err:
+        raise BadEntry(err.strerror or str(err)) from err
+    return _parse(data.decode("utf-8", "surrogateescape"), path)
 
 
 def parse(text: str, path: str = "") -> dict[str, Any] | None:
+    try:
+        return _parse(text, path)
+    except BadEntry:
+        return None
+
+
+def _parse(text: str, path: str) -> dict[str, Any]:
     lines = text.split("\n")  # not splitlines(): it also splits on \r, \f, \x1c...
     if not lines or lines[0] != MAGIC:
-        return None
+        raise BadEntry("not an aero-sandbox registry entry")
     entry: dict[str, Any] = {"path": path, "argv": [], "limits": {}, "sandbox": {}}
     for line in lines[1:]:
         if not line:
@@ -274,22 +340,44 @@ def parse(text: str, path: str = "") -> dict[str, Any] | None:
         if key == "arg":
             entry["argv"].append(value)
         elif key in ("pid", "guardian"):
-            entry[key] = int(value) if value.isdigit() else None
+            entry[key] = _whole(key, value)
         elif key == "started":
-            entry[key] = float(value)
+            entry[key] = _seconds(key, value)
         elif key in ("memory_bytes", "pids"):
-            entry["limits"][key] = int(value) if value.isdigit() else None
+            entry["limits"][key] = _whole(key, value) if value else None
         elif key == "timeout_s":
-            entry["limits"][key] = float(value) if value else None
+            entry["limits"][key] = _seconds(key, value) if value else None
         elif key.startswith("sandbox."):
             where, name = entry["sandbox"], key[len("sandbox.") :]
             if "." in name:
                 group, _, name = name.partition(".")
                 where = where.setdefault(group, {})
-            where[name] = int(value) if value.isdigit() else value
+                if not isinstance(where, dict):
+                    raise BadEntry(f"{key} under a plain value")
+            where[name] = int(value) if value.isascii() and value.isdigit() else value
         else:
             entry[key] = value
-    return entry if "pid" in entry and "started" in entry else None
+    if "pid" not in entry or "started" not in entry:
+        raise BadEntry("not a complete entry (no pid or start time)")
+    return entry
+
+
+def _whole(key: str, value: str) -> int:
+    if not (value.isascii() and value.isdigit()):
+        raise BadEntry(f"malformed {key} {value!r}")
+    return int(value)
+
+
+def _seconds(key: str, value: str) -> float:
+    number = None
+    if value.isascii() and "_" not in value:
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None or not 0 <= number < 1e12:  # also refuses nan and inf
+        raise BadEntry(f"malformed {key} {value!r}")
+    return number
 
 
 def _unescape(text: str) -> str:

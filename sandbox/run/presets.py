@@ -21,6 +21,7 @@ import os
 import sys
 
 from sandbox.core.errors import UsageError
+from sandbox.core.limits import is_ascii_digits
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class Environment:
 
 def _positive(text: str, what: str) -> int:
     raw = text.strip()
-    if not raw.isdigit() or int(raw) < 1:
+    if not is_ascii_digits(raw) or int(raw) < 1:
         raise UsageError(f"invalid {what} value {text!r}: expected a whole number, 1 or more")
     return int(raw)
 

@@ -14,6 +14,7 @@ import os
 
 from sandbox.core.commandline import program
 from sandbox.core.errors import UsageError
+from sandbox.core.limits import is_ascii_digits
 from sandbox.core.result import Reason
 
 TYPE_CHECKING = False
@@ -68,7 +69,7 @@ _STOP_SIGNALS = frozenset({1, 2, 3, 9, 13, 15})
 def parse_attempts(text: str, what: str) -> int:
     """A whole number of attempts; 0 is taken as 1 (old safe-run.sh users disabled with 0 or 1)."""
     raw = text.strip()
-    if not raw.isdigit() or int(raw) > 100:
+    if not is_ascii_digits(raw) or int(raw) > 100:
         raise UsageError(
             f"invalid {what} value {text!r}: expected a whole number of attempts, 1 to 100 "
             "(1 runs the command once, without retries)"

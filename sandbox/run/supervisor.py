@@ -32,6 +32,7 @@ from sandbox.registry import store as registry
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal as _signal
+    from collections.abc import Callable
 
     from sandbox.backends.protocol import Backend
     from sandbox.run.relay import Relay
@@ -50,6 +51,7 @@ FORWARDED = frozenset(
     }
 )
 HANDLED = FORWARDED | {_signal.SIGCHLD}
+_MAX_POLL_MS = 86_400_000.0  # one day
 
 
 _original_mask: set[int] | None = None
@@ -122,8 +124,15 @@ class Guardian:
             pass  # already reaped by the SIGCHLD loop
 
 
-def spawn(argv: list[str], backend: Backend, child_mask: set[int]) -> int:
+def spawn(
+    argv: list[str], backend: Backend, child_mask: set[int], protected: bool = False
+) -> int:
     """Fork, join the sandbox in the child, exec. Raises ExecFailed (126/127) or SandboxError."""
+    protect: Callable[[], None] | None = None
+    if protected:  # imported here: ctypes stays off the run path of every other run
+        from sandbox.core.protect import protect_limits
+
+        protect = protect_limits
     launcher = os.getpid()
     read_end, write_end = os.pipe()  # close-on-exec: EOF means the exec happened
     pid = os.fork()
@@ -135,6 +144,8 @@ def spawn(argv: list[str], backend: Backend, child_mask: set[int]) -> int:
                 os._exit(125)
             try:
                 backend.child_setup()
+                if protect is not None:
+                    protect()
             except Exception as err:  # noqa: BLE001 - reported to the parent
                 os.write(write_end, f"setup:0:{err}".encode())
                 os._exit(125)
@@ -165,6 +176,8 @@ def spawn(argv: list[str], backend: Backend, child_mask: set[int]) -> int:
 
 def _execvp(argv: list[str]) -> None:
     """os.execvp, less its import of `warnings` (~1 ms, paid while the launcher waits)."""
+    if not argv[0]:  # execv refuses it with ValueError, which no errno reaches the parent for
+        raise FileNotFoundError(2, "No such file or directory")
     if "/" in argv[0]:
         os.execv(argv[0], argv)
     first_error: OSError | None = None  # like execvp(3): EACCES somewhere beats ENOENT
@@ -204,7 +217,7 @@ def run(
         guardian = Guardian(backend, entry, relay.launcher_fds() if relay else None)
         registry.note_guardian(entry, guardian.pid)
         try:
-            pid = spawn(argv, backend, child_mask)
+            pid = spawn(argv, backend, child_mask, limits.protected)
         except ExecFailed as err:
             code = EXIT_NOT_FOUND if err.errno in (2, 20) else EXIT_NOT_EXECUTABLE
             failure = RunResult(
@@ -278,7 +291,8 @@ def _supervise(
         # A check due now runs after a poll that does not wait (a due tick is in `waits`).
         check = next_tick is not None and now >= next_tick
         waits = [t for t in (deadline, kill_at, next_tick) if t is not None]
-        timeout_ms = -1 if not waits else max(0.0, min(waits) - now) * 1000
+        # poll() takes a C int of milliseconds: a deadline weeks away waits in steps.
+        timeout_ms = -1 if not waits else min(max(0.0, min(waits) - now) * 1000, _MAX_POLL_MS)
         if relay is not None:
             relayed = _watch_relay(poller, relay, relayed)
         for fd, _events in poller.poll(timeout_ms):

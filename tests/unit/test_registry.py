@@ -75,15 +75,21 @@ def test_sweep_removes_dead_launchers_entries_whose_sandbox_is_gone(tmp_path: Pa
         f"{dead}-aaaaaa": f"{registry.MAGIC}\npid {dead}\nstarted 1\n",
         f".{dead}-bbbbbb": "",  # a write that never finished
         f"{dead}-cccccc": with_cgroup,  # its cgroup is still there: gc's business
+        # Its cgroup is gone, where we can see: removed.
+        f"{dead}-eeeeee": with_cgroup.replace(str(cgroup), str(tmp_path / "gone")),
+        # Where its cgroup would be is not in our view (another mount namespace): kept.
+        f"{dead}-ffffff": with_cgroup.replace(str(cgroup), str(tmp_path / "not-here" / "cg")),
         f"{os.getpid()}-dddddd": "",  # a live pid: not even opened
         "README": "",
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     removed = registry.sweep(str(tmp_path))
-    assert sorted(os.path.basename(p) for p in removed) == [f".{dead}-bbbbbb", f"{dead}-aaaaaa"]
+    assert sorted(os.path.basename(p) for p in removed) == [
+        f".{dead}-bbbbbb", f"{dead}-aaaaaa", f"{dead}-eeeeee"
+    ]
     assert sorted(os.listdir(tmp_path)) == sorted(
-        [f"{dead}-cccccc", f"{os.getpid()}-dddddd", "README", "cg"]
+        [f"{dead}-cccccc", f"{dead}-ffffff", f"{os.getpid()}-dddddd", "README", "cg"]
     )
 
 

@@ -1,5 +1,3 @@
-import sys
+from sandbox.cli import exit_now, main
 
-from sandbox.cli import main
-
-sys.exit(main())
+exit_now(main())

@@ -112,6 +112,9 @@ class Guardian:
                     backend.remove()
                     if entry is not None:
                         registry.discard(entry.path)
+                # What dead launchers left in the registry: after our launcher is gone, so it
+                # costs no run any time (that gc's cgroups is part of backend.remove()).
+                registry.sweep_beside(entry)
             finally:
                 os._exit(0)
         os.close(read_end)
@@ -222,9 +225,6 @@ def run(
                 detail=f"cannot run {argv[0]!r}: {err}",
             )
             return failure
-        # gc's cheap part, now that the command runs (off its way to exec); again at teardown.
-        backend.collect_stale()
-        registry.sweep_beside(entry)
         status, ended_by, killed_after_grace = _supervise(pid, sfd, backend, limits, start, relay)
     finally:
         usage = _tear_down(backend, guardian, status is not None or failure is not None, entry)
@@ -353,7 +353,9 @@ def _tear_down(
         try:
             backend.remove()
         finally:
-            registry.unregister(entry)  # never raises
+            if entry is not None:  # the guardian sweeps the others, after we exit
+                registry.discard(entry.path)
+                os.close(entry.fd)
             if guardian is not None:
                 guardian.release()
     return usage, reason

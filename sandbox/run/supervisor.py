@@ -50,6 +50,7 @@ FORWARDED = frozenset(
     }
 )
 HANDLED = FORWARDED | {_signal.SIGCHLD}
+GC_AFTER_S = 1.0  # see _supervise
 
 
 _original_mask: set[int] | None = None
@@ -225,7 +226,9 @@ def run(
                 detail=f"cannot run {argv[0]!r}: {err}",
             )
             return failure
-        status, ended_by, killed_after_grace = _supervise(pid, sfd, backend, limits, start, relay)
+        status, ended_by, killed_after_grace = _supervise(
+            pid, sfd, backend, limits, start, relay, entry
+        )
     finally:
         usage = _tear_down(backend, guardian, status is not None or failure is not None, entry)
         if status is not None and ended_by is None:
@@ -256,9 +259,20 @@ def run(
 
 
 def _supervise(
-    pid: int, sfd: int, backend: Backend, limits: Limits, start: float, relay: Relay | None
+    pid: int,
+    sfd: int,
+    backend: Backend,
+    limits: Limits,
+    start: float,
+    relay: Relay | None,
+    entry: registry.Entry | None,
 ) -> tuple[int, str | None, bool]:
-    """Wait for the main child; returns (wait status, what ended it, SIGKILL needed after grace)."""
+    """Wait for the main child; returns (wait status, what ended it, SIGKILL needed after grace).
+
+    gc's cheap part (what crashed launchers left beside our sandbox and registry entry) runs
+    once the command has run GC_AFTER_S, so a short command never waits for it (teardown does
+    it anyway) and a long one does not let leftovers wait for its end.
+    """
     poller = select.poll()
     poller.register(sfd, select.POLLIN)
     watched = backend.watch_fds()
@@ -267,6 +281,7 @@ def _supervise(
     deadline = start + limits.timeout_s if limits.timeout_s else None
     kill_at: float | None = None
     next_tick = start + backend.tick_s if backend.tick_s else None
+    gc_at: float | None = start + GC_AFTER_S
     ended_by: str | None = None
     killed_after_grace = False
     status: int | None = None
@@ -283,7 +298,11 @@ def _supervise(
         check = next_tick is not None and now >= next_tick
         if check and backend.tick_s:
             next_tick = now + backend.tick_s
-        waits = [t for t in (deadline, kill_at, next_tick) if t is not None]
+        if gc_at is not None and now >= gc_at:
+            gc_at = None
+            backend.collect_stale()
+            registry.sweep_beside(entry)
+        waits = [t for t in (deadline, kill_at, next_tick, gc_at) if t is not None]
         timeout_ms = -1 if not waits else max(0.0, min(waits) - now) * 1000
         if relay is not None:
             relayed = _watch_relay(poller, relay, relayed)

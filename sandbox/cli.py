@@ -22,17 +22,36 @@ def main(args: list[str] | None = None) -> int:
     try:
         if args and (args[0] in SUBCOMMANDS or args[0] in HELP_FLAGS):
             return _click_main(args)
-        from sandbox.launch import execute
         from sandbox.options import parse_run
 
         if args[:1] == ["run"]:
             args = args[1:]
-        return execute(parse_run(args, os.environ, SUBCOMMANDS))
+        request = parse_run(args, os.environ, SUBCOMMANDS)
+        if request.backend in ("auto", "cgroup"):
+            from sandbox.cgroups import warmup
+
+            warmup.start()  # while the rest is imported: see sandbox/cgroups/warmup.py
+        from sandbox.launch import execute
+
+        return execute(request)
     except SandboxError as err:
         sys.stderr.write(f"aero-sandbox: {err.line()}\n")
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def exit_now(code: int) -> None:
+    """Exit without the interpreter's finalization: tearing down every module and a full
+    garbage collection cost a few ms after the command's output is all out, and nothing of ours
+    needs them (the sandbox is gone, every file closed); only Python's own buffers are flushed."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # None: the fd was closed when Python started
+                stream.flush()
+        except OSError:  # a closed pipe: Python's own exit reports that as status 120
+            code = code or 120
+    os._exit(code)
 
 
 def _click_main(args: list[str]) -> int:

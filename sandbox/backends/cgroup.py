@@ -144,8 +144,13 @@ class CgroupBackend:
 
     # -- run ----------------------------------------------------------------------------------
     def child_setup(self) -> None:
-        for path in self.dirs:
-            cgroupfs.write(path + "/cgroup.procs", "0")
+        # The forked child has one thread, so v1's `tasks` moves all of it; a write of 0 there
+        # skips the global cgroup_threadgroup_rwsem, whose first writer waits for an RCU grace
+        # period (5-15 ms here; sandbox/cgroups/warmup.py). Measured on Linux 6.18
+        # (cgroup_procs_write_start); older kernels may take it here too, at no loss. v2 has no
+        # such file for a domain cgroup.
+        for path, version in self.dirs.items():
+            cgroupfs.write(path + ("/cgroup.procs" if version == 2 else "/tasks"), "0")
 
     def started(self, pid: int) -> None:
         pass

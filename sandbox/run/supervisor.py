@@ -52,6 +52,7 @@ FORWARDED = frozenset(
 )
 HANDLED = FORWARDED | {_signal.SIGCHLD}
 _MAX_POLL_MS = 86_400_000.0  # one day
+GC_AFTER_S = 1.0  # see _supervise
 
 
 _original_mask: set[int] | None = None
@@ -85,7 +86,11 @@ class ExecFailed(Exception):
 
 
 class Guardian:
-    """A forked process that cleans up after a launcher that died without doing so."""
+    """A forked process that cleans up after a launcher that died without doing so.
+
+    It waits for the launcher to close the write end of a pipe, which the kernel does when the
+    launcher exits, however it exits; a `d` in the pipe then says it cleaned up itself.
+    """
 
     def __init__(
         self, backend: Backend, entry: registry.Entry | None = None, close: list[int] | None = None
@@ -100,28 +105,32 @@ class Guardian:
                 null = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):  # never hold the caller's pipes open
                     os.dup2(null, fd)
+                # Polling for no event still returns on POLLHUP (all write ends closed), but a
+                # write does not wake us: release() costs the launcher no context switch.
+                poller = select.poll()
+                poller.register(read_end, 0)
+                poller.poll()
                 if os.read(read_end, 1) != b"d":
                     backend.kill_all()
                     backend.remove()
                     if entry is not None:
                         registry.discard(entry.path)
+                # What dead launchers left in the registry: after our launcher is gone, so it
+                # costs no run any time (that gc's cgroups is part of backend.remove()).
+                registry.sweep_beside(entry)
             finally:
                 os._exit(0)
         os.close(read_end)
 
     def release(self) -> None:
-        """The launcher cleaned up itself: let the guardian go.
+        """The launcher cleaned up itself: the guardian may go when the launcher exits.
 
-        It exits as soon as it reads the byte. Waiting for that costs a few ms on a busy host
-        and buys nothing: it holds none of the caller's pipes, and once we exit, init (or the
-        nearest subreaper) reaps it. Reap it now only if it is already gone.
+        Only a byte in the pipe, which wakes nobody: waking the guardian now, to exit, would
+        let it (and on a busy host, others) take the CPU before we report. The write end stays
+        open (close-on-exec, so no command holds it) until we exit; then it reads the byte and
+        exits, and init (or the nearest subreaper) reaps it.
         """
         os.write(self._write_end, b"d")
-        os.close(self._write_end)
-        try:
-            os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass  # already reaped by the SIGCHLD loop
 
 
 def spawn(
@@ -230,10 +239,9 @@ def run(
                 detail=f"cannot run {argv[0]!r}: {err}",
             )
             return failure
-        # gc's cheap part, now that the command runs (off its way to exec); again at teardown.
-        backend.collect_stale()
-        registry.sweep_beside(entry)
-        status, ended_by, killed_after_grace = _supervise(pid, sfd, backend, limits, start, relay)
+        status, ended_by, killed_after_grace = _supervise(
+            pid, sfd, backend, limits, start, relay, entry
+        )
     finally:
         usage = _tear_down(backend, guardian, status is not None or failure is not None, entry)
         if status is not None and ended_by is None:
@@ -264,9 +272,20 @@ def run(
 
 
 def _supervise(
-    pid: int, sfd: int, backend: Backend, limits: Limits, start: float, relay: Relay | None
+    pid: int,
+    sfd: int,
+    backend: Backend,
+    limits: Limits,
+    start: float,
+    relay: Relay | None,
+    entry: registry.Entry | None,
 ) -> tuple[int, str | None, bool]:
-    """Wait for the main child; returns (wait status, what ended it, SIGKILL needed after grace)."""
+    """Wait for the main child; returns (wait status, what ended it, SIGKILL needed after grace).
+
+    gc's cheap part (what crashed launchers left beside our sandbox and registry entry) runs
+    once the command has run GC_AFTER_S, so a short command never waits for it (teardown does
+    it anyway) and a long one does not let leftovers wait for its end.
+    """
     poller = select.poll()
     poller.register(sfd, select.POLLIN)
     watched = backend.watch_fds()
@@ -275,6 +294,7 @@ def _supervise(
     deadline = start + limits.timeout_s if limits.timeout_s else None
     kill_at: float | None = None
     next_tick = start + backend.tick_s if backend.tick_s else None
+    gc_at: float | None = start + GC_AFTER_S
     ended_by: str | None = None
     killed_after_grace = False
     status: int | None = None
@@ -290,7 +310,11 @@ def _supervise(
             backend.kill_all()
         # A check due now runs after a poll that does not wait (a due tick is in `waits`).
         check = next_tick is not None and now >= next_tick
-        waits = [t for t in (deadline, kill_at, next_tick) if t is not None]
+        if gc_at is not None and now >= gc_at:
+            gc_at = None
+            backend.collect_stale()
+            registry.sweep_beside(entry)
+        waits = [t for t in (deadline, kill_at, next_tick, gc_at) if t is not None]
         # poll() takes a C int of milliseconds: a deadline weeks away waits in steps.
         timeout_ms = -1 if not waits else min(max(0.0, min(waits) - now) * 1000, _MAX_POLL_MS)
         if relay is not None:
@@ -363,7 +387,9 @@ def _tear_down(
         try:
             backend.remove()
         finally:
-            registry.unregister(entry)  # never raises
+            if entry is not None:  # the guardian sweeps the others, after we exit
+                registry.discard(entry.path)
+                os.close(entry.fd)
             if guardian is not None:
                 guardian.release()
     return usage, reason

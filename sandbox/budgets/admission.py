@@ -54,7 +54,6 @@ FULL_S = 1.0
 class Ticket(Frozen):
     """One run's place in a budget tree's queue, as read from its file."""
 
-    __slots__ = ("number", "pid", "budget", "reserve", "started", "running", "argv", "path")
     number: int
     pid: int
     budget: str  # agents/agent-17
@@ -62,29 +61,7 @@ class Ticket(Frozen):
     started: float
     running: bool
     argv: list[str]
-    path: str
-
-    def __init__(
-        self,
-        number: int,
-        pid: int,
-        budget: str,
-        reserve: int,
-        started: float,
-        running: bool,
-        argv: list[str],
-        path: str = "",
-    ) -> None:
-        self._init(
-            number=number,
-            pid=pid,
-            budget=budget,
-            reserve=reserve,
-            started=started,
-            running=running,
-            argv=argv,
-            path=path,
-        )
+    path: str = ""
 
 
 class NotAdmitted(Exception):
@@ -101,14 +78,10 @@ def within(budget: str, level: str) -> bool:
 
 
 class Verdict(Frozen):
-    __slots__ = ("admitted", "level", "ahead", "free")
     admitted: bool
     level: str | None  # the level that blocks the run
     ahead: int  # earlier waiters at that level
     free: int | None
-
-    def __init__(self, admitted: bool, level: str | None, ahead: int, free: int | None) -> None:
-        self._init(admitted=admitted, level=level, ahead=ahead, free=free)
 
 
 def decide(mine: Ticket, tickets: list[Ticket], chain: list[Level]) -> Verdict:

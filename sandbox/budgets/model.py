@@ -59,36 +59,15 @@ def levels(parts: tuple[str, ...]) -> list[str]:
 class Caps(Frozen):
     """What a budget level may use in total (None: no cap at this level)."""
 
-    __slots__ = ("memory_bytes", "pids")
     memory_bytes: int | None
-    pids: int | None
-
-    def __init__(self, memory_bytes: int | None, pids: int | None = None) -> None:
-        self._init(memory_bytes=memory_bytes, pids=pids)
+    pids: int | None = None
 
 
 class Level(Frozen):
     """One level of a budget as the kernel has it now."""
 
-    __slots__ = ("name", "memory_dir", "caps", "usage_bytes", "peak_bytes")
     name: str  # agents/agent-17
     memory_dir: str | None  # the level's cgroup in the hierarchy that holds memory
     caps: Caps
     usage_bytes: int | None
     peak_bytes: int | None
-
-    def __init__(
-        self,
-        name: str,
-        memory_dir: str | None,
-        caps: Caps,
-        usage_bytes: int | None,
-        peak_bytes: int | None,
-    ) -> None:
-        self._init(
-            name=name,
-            memory_dir=memory_dir,
-            caps=caps,
-            usage_bytes=usage_bytes,
-            peak_bytes=peak_bytes,
-        )

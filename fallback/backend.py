@@ -25,22 +25,22 @@ from fallback import proctree
 from fallback.address_space import backstop
 from fallback.handoff import Handoff
 from fallback.watchdog import INTERVAL_S, Watchdog
-from sandbox.core import identity
+from sandbox.core import identity, linux
 from sandbox.core.errors import BackendUnavailable, SandboxError
 from sandbox.core.limits import Limits
+from sandbox.core.placement import Placement
 from sandbox.core.result import Reason, Usage
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal as _signal
-    from typing import Any
 else:
     import _signal
 
 # Every process of the tree inherits this variable (unless it clears its environment): the
 # guardian finds by it what was forked after the watchdog's last sample.
 MARKER = "AERO_SANDBOX_TREE"
-KILL_TIMEOUT_S = 3.0  # as cgroupfs.kill_all: a task in uninterruptible sleep may need a moment
+KILL_TIMEOUT_S = 3.0  # as a cgroup's kill: a task in uninterruptible sleep may need a moment
 GUARDIAN_STOP_S = 1.0  # of the 2 s promise: stopping what the guardian finds, then the kill
 
 
@@ -126,19 +126,16 @@ class RlimitBackend:
         proctree.signal(self._tree_now(), signo)
 
     def kill_all(self) -> None:
-        if os.getpid() != self._launcher:
-            self._kill_from_guardian()
-            return
-        deadline = time.monotonic() + KILL_TIMEOUT_S
-        pause = 0.0005
-        while left := self._tree_now():
+        def kill_round() -> set[int]:
+            left = self._tree_now()
             proctree.signal(left, _signal.SIGKILL)
-            if time.monotonic() > deadline:
-                raise SandboxError(
-                    f"processes {sorted(left)} did not die within {KILL_TIMEOUT_S:g} s of SIGKILL"
-                )
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+            return left
+
+        left = linux.until_empty(kill_round, KILL_TIMEOUT_S)
+        if left:
+            raise SandboxError(
+                f"processes {sorted(left)} did not die within {KILL_TIMEOUT_S:g} s of SIGKILL"
+            )
 
     def _tree_now(self) -> set[int]:
         """Live (not zombie) descendants of the launcher, the guardian's subtree excluded."""
@@ -151,6 +148,12 @@ class RlimitBackend:
             if info.ppid == self._launcher and pid not in self._excluded
         }
         return {pid for pid in proctree.descendants(procs, roots) if procs[pid].state not in "ZX"}
+
+    def guardian_cleanup(self) -> None:
+        try:
+            self._kill_from_guardian()
+        finally:
+            self.remove()
 
     def _kill_from_guardian(self) -> None:
         """The launcher died: its orphans went to init. Find, stop, then kill what was ours.
@@ -203,15 +206,13 @@ class RlimitBackend:
             self._handoff.close()
             self._handoff = None
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> Placement:
         watchdog = self._watchdog
         memory = ["watchdog"] if watchdog and watchdog.memory_limit is not None else []
         pids = ["watchdog"] if watchdog and watchdog.tasks_limit is not None else []
         memory += [name for name in ("RLIMIT_AS", "RLIMIT_DATA") if name in self._rlimits]
         pids += ["RLIMIT_NPROC"] if "RLIMIT_NPROC" in self._rlimits else []
-        return {
-            # The report's limits.address_space_bytes (launch.py): the cap as applied.
-            "address_space_bytes": self._rlimits.get("RLIMIT_AS"),
+        enforcement = {
             "memory_enforcement": memory,
             "pids_enforcement": pids,
             "rlimits": dict(self._rlimits),
@@ -224,6 +225,10 @@ class RlimitBackend:
             },
             "marker": f"{MARKER}={self._id}",
         }
+        # address_space_bytes: the report's limits.address_space_bytes, the cap as applied.
+        return Placement(
+            address_space_bytes=self._rlimits.get("RLIMIT_AS"), enforcement=enforcement
+        )
 
 
 def _alive(pid: int) -> bool:

@@ -575,7 +575,7 @@ def _backend(environ: Mapping[str, str]) -> tuple[Check, dict[str, dict[str, boo
             {},
         )
     try:
-        described = backend.describe()
+        described = backend.describe().as_report()
         not_enforced = list(backend.not_enforced)
         cgroups = described.get("cgroups")
         dirs = [p for p in cgroups.values() if isinstance(p, str)] if cgroups else []

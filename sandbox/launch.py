@@ -7,8 +7,10 @@ import sys
 import time
 
 from sandbox.backends import selection
+from sandbox.core.cleanup import Cleanup
 from sandbox.core.errors import BackendUnavailable, SandboxError
-from sandbox.core.limits import Limits, format_duration, format_size
+from sandbox.core.limits import Limits, format_duration, format_size, smaller
+from sandbox.core.placement import Placement
 from sandbox.core.result import (
     EXIT_ERROR,
     EXIT_MISSING_OUTPUT,
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 
 
 def say(request: RunRequest, text: str, level: int = 0) -> None:
-    if request.verbosity >= level:
+    if request.verbosity >= level and sys.stderr is not None:  # None: started with `2>&-`
         sys.stderr.write(f"aero-sandbox: {text}\n")
         sys.stderr.flush()
 
@@ -69,15 +71,17 @@ def execute(request: RunRequest) -> int:
     line = message(result)
     if line:
         say(request, line)
+    if result.cleanup_error:
+        say(request, f"after the command ended: {result.cleanup_error}")
     if request.verbosity > 0 and result.reason != Reason.ERROR:
         say(request, _summary(result), 1)
     if request.report:
         data = report(result, request.argv, attempt.backend_name, attempt.choice)
         data["not_enforced"] = attempt.not_enforced
         # Only the rlimit backend applies --as, and says which cap it chose (None elsewhere).
-        data["limits"]["address_space_bytes"] = result.sandbox.get("address_space_bytes")
+        data["limits"]["address_space_bytes"] = result.sandbox.address_space_bytes
         data["launcher_pid"] = os.getpid()
-        data["effective_memory_bytes"] = _smaller(request.limits.memory_bytes, attempt.enclosing[0])
+        data["effective_memory_bytes"] = smaller(request.limits.memory_bytes, attempt.enclosing[0])
         data["enclosing_memory"] = {"bytes": attempt.enclosing[0], "cgroup": attempt.enclosing[1]}
         data["retried_for"] = retried_for
         if request.expect:
@@ -104,10 +108,12 @@ def _attempt(request: RunRequest, limits: Limits, relay: Relay | None, start: fl
     choice: dict[str, Any] = {"requested": request.backend}
     not_enforced: list[str] = []
     enclosing: tuple[int | None, str | None] = (None, None)
+    owner = Cleanup()  # owns the prepared sandbox until it is removed, on every path
     try:
         backend, choice = selection.prepare(
             request.backend, limits, request.argv, request.parent, request.slice
         )
+        owner.push(backend.remove)  # a no-op once the supervisor's tear-down removed it
         backend_name, not_enforced = backend.name, backend.not_enforced
         for why in choice["refused"].values():
             # systemd runs here but its backend could not: say why and the fix, once a run.
@@ -138,9 +144,13 @@ def _attempt(request: RunRequest, limits: Limits, relay: Relay | None, start: fl
             wall_s=time.monotonic() - start,
             usage=Usage(),
             limits=limits,
-            sandbox={},
+            sandbox=Placement(),
             detail=err.line(),
         )
+    finally:
+        failures = owner.close()
+    if failures and not result.cleanup_error:
+        result = _replace(result, cleanup_error=_line(failures[0]))
     attempt = _Attempt(result, backend_name, choice, not_enforced)
     attempt.enclosing = enclosing
     return attempt
@@ -151,11 +161,7 @@ def _supervised(
 ) -> RunResult:
     if relay is None:
         return supervisor.run(argv, limits, backend)
-    try:
-        relay.start()
-    except BaseException:
-        backend.remove()
-        raise
+    relay.start()
     try:
         return supervisor.run(argv, limits, backend, relay)
     finally:
@@ -239,7 +245,7 @@ def _missing_outputs(paths: list[str]) -> list[str]:
     return problems
 
 
-def _enclosing_limit(request: RunRequest, sandbox: dict[str, Any]) -> tuple[int | None, str | None]:
+def _enclosing_limit(request: RunRequest, sandbox: Placement) -> tuple[int | None, str | None]:
     """The memory limit of a cgroup around the sandbox; say (once a run) if it is below --mem."""
     from sandbox.cgroups.enclosing import for_sandbox
 
@@ -259,8 +265,8 @@ def _enclosing_limit(request: RunRequest, sandbox: dict[str, Any]) -> tuple[int 
 _SAID: set[str] = set()
 
 
-def _smaller(first: int | None, second: int | None) -> int | None:
-    return second if first is None else first if second is None else min(first, second)
+def _line(err: Exception) -> str:
+    return err.line() if isinstance(err, SandboxError) else f"{type(err).__name__}: {err}"
 
 
 def _summary(result: RunResult) -> str:

@@ -56,6 +56,11 @@ class Limits(Frozen):
         )
 
 
+def smaller(first: int | None, second: int | None) -> int | None:
+    """The smaller of two limits, None meaning no limit."""
+    return second if first is None else first if second is None else min(first, second)
+
+
 def _number(text: str) -> float | None:
     try:
         value = float(text)

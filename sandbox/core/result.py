@@ -6,6 +6,7 @@ import os
 
 from sandbox.core.frozen import Frozen
 from sandbox.core.limits import Limits, format_duration, format_size
+from sandbox.core.placement import Placement
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class RunResult(Frozen):
         "sandbox",
         "killed_after_grace",
         "detail",
+        "cleanup_error",
     )
     reason: str
     exit_code: int
@@ -88,9 +90,10 @@ class RunResult(Frozen):
     usage: Usage
     limits: Limits
     attempts: int
-    sandbox: dict[str, Any]
+    sandbox: Placement
     killed_after_grace: bool
     detail: str | None
+    cleanup_error: str | None  # removing the sandbox failed after the command ended, or similar
 
     def __init__(
         self,
@@ -100,12 +103,13 @@ class RunResult(Frozen):
         wall_s: float,
         usage: Usage,
         limits: Limits,
-        sandbox: dict[str, Any],
+        sandbox: Placement,
         child_exit_code: int | None = None,
         signal: int | None = None,
         attempts: int = 1,
         killed_after_grace: bool = False,
         detail: str | None = None,
+        cleanup_error: str | None = None,
     ) -> None:
         self._init(
             reason=reason,
@@ -119,6 +123,7 @@ class RunResult(Frozen):
             sandbox=sandbox,
             killed_after_grace=killed_after_grace,
             detail=detail,
+            cleanup_error=cleanup_error,
         )
 
 
@@ -183,7 +188,10 @@ def message(result: RunResult) -> str | None:
     if result.reason == Reason.SIGNALED and result.signal not in (_signal.SIGINT, _signal.SIGPIPE):
         return f"command killed by {signal_name(result.signal or 0)}"
     if result.reason in (
-        Reason.NOT_FOUND, Reason.NOT_EXECUTABLE, Reason.ERROR, Reason.MISSING_OUTPUT
+        Reason.NOT_FOUND,
+        Reason.NOT_EXECUTABLE,
+        Reason.ERROR,
+        Reason.MISSING_OUTPUT,
     ):
         return result.detail
     return None
@@ -211,9 +219,10 @@ def report(
         "attempts": result.attempts,
         "killed_after_grace": result.killed_after_grace,
         "limits": result.limits.as_dict(),
-        "sandbox": result.sandbox,
+        "sandbox": result.sandbox.as_report(),
         "backend_choice": choice,
         "detail": result.detail,
+        "cleanup_error": result.cleanup_error,
     }
 
 

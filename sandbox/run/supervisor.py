@@ -4,10 +4,12 @@
     supervise   poll a signalfd (SIGCHLD + forwarded signals) and the backend's fds, with
                 deadlines on time.monotonic(): timeout -> SIGTERM to all -> grace -> SIGKILL
     tear down   one `finally`, fixed order: kill what is left -> reap -> measure -> remove the
-                sandbox -> release the guardian
+                sandbox -> release the guardian -> close the signalfd. A failure to remove or
+                a guardian that died is the result's cleanup_error, never the command's status.
 
-A guardian process, forked before the child, kills and removes the sandbox if the launcher
-itself dies (even by SIGKILL): it waits on a pipe whose write end only the launcher holds.
+A guardian process, forked before the child, cleans up (backend.guardian_cleanup) if the
+launcher itself dies (even by SIGKILL): it waits on a pipe whose write end only the launcher
+holds.
 """
 
 from __future__ import annotations
@@ -94,32 +96,39 @@ class Guardian:
             try:
                 for fd in [self._write_end, *(close or ())]:
                     os.close(fd)
-                os.setsid()  # out of the terminal's process group: ^C and ^Z are not for us
-                null = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):  # never hold the caller's pipes open
-                    os.dup2(null, fd)
+                linux.detach_from_caller()
                 if os.read(read_end, 1) != b"d":
-                    backend.kill_all()
-                    backend.remove()
-                    if entry is not None:
-                        registry.discard(entry.path)
+                    try:
+                        backend.guardian_cleanup()
+                    finally:
+                        if entry is not None:
+                            registry.discard(entry.path)
             finally:
                 os._exit(0)
         os.close(read_end)
 
-    def release(self) -> None:
-        """The launcher cleaned up itself: let the guardian go.
+    def release(self) -> str | None:
+        """The launcher cleaned up itself: let the guardian go. Returns what went wrong, if the
+        guardian died before (killed from inside the sandbox: the pipe has no reader, EPIPE).
 
         It exits as soon as it reads the byte. Waiting for that costs a few ms on a busy host
         and buys nothing: it holds none of the caller's pipes, and once we exit, init (or the
         nearest subreaper) reaps it. Reap it now only if it is already gone.
         """
-        os.write(self._write_end, b"d")
+        problem = None
+        try:
+            os.write(self._write_end, b"d")
+        except BrokenPipeError:
+            problem = (
+                f"the guardian (pid {self.pid}) died during the run, so nothing would have "
+                "cleaned up had the launcher died too (was it killed from inside the sandbox?)"
+            )
         os.close(self._write_end)
         try:
             os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
             pass  # already reaped by the SIGCHLD loop
+        return problem
 
 
 def spawn(argv: list[str], backend: Backend, child_mask: set[int]) -> int:
@@ -188,10 +197,24 @@ def run(
     `relay` (only for runs that may be retried) copies the command's output; its fds are served
     by the poll loop below, so timeouts and signals stay on time however the output is read.
     """
-    start = time.monotonic()
-    times_before = os.times()
     child_mask = block_signals()
     sfd = linux.signalfd(HANDLED)
+    try:
+        return _run(argv, limits, backend, relay, sfd, child_mask)
+    finally:
+        os.close(sfd)
+
+
+def _run(
+    argv: list[str],
+    limits: Limits,
+    backend: Backend,
+    relay: Relay | None,
+    sfd: int,
+    child_mask: set[int],
+) -> RunResult:
+    start = time.monotonic()
+    times_before = os.times()
     guardian: Guardian | None = None
     status: int | None = None
     ended_by: str | None = None
@@ -216,17 +239,20 @@ def run(
                 sandbox=backend.describe(),
                 detail=f"cannot run {argv[0]!r}: {err}",
             )
-            return failure
-        # gc's cheap part, now that the command runs (off its way to exec); again at teardown.
-        backend.collect_stale()
-        registry.sweep_beside(entry)
-        status, ended_by, killed_after_grace = _supervise(pid, sfd, backend, limits, start, relay)
+        else:
+            # gc's cheap part, now that the command runs (off its way to exec); again at
+            # teardown.
+            backend.collect_stale()
+            registry.sweep_beside(entry)
+            status, ended_by, killed_after_grace = _supervise(
+                pid, sfd, backend, limits, start, relay
+            )
     finally:
-        usage = _tear_down(backend, guardian, status is not None or failure is not None, entry)
-        if status is not None and ended_by is None:
-            ended_by = usage[1]
-        os.close(sfd)
-    measured = usage[0]
+        torn = _tear_down(backend, guardian, status is not None or failure is not None, entry)
+    if failure is not None:
+        return _with_cleanup_error(failure, torn.problems)
+    assert status is not None
+    measured = torn.usage
     if measured.cpu_s is None:  # no cgroup cpu.stat: we reap every descendant (subreaper)
         after = os.times()
         cpu = (after.children_user - times_before.children_user) + (
@@ -235,8 +261,7 @@ def run(
         measured = Usage(
             measured.peak_memory_bytes, measured.oom_kills, measured.pids_limit_hits, cpu
         )
-    assert status is not None
-    reason, code, child_code, signo = classify(status, ended_by, measured, limits)
+    reason, code, child_code, signo = classify(status, ended_by or torn.reason, measured, limits)
     return RunResult(
         reason=reason,
         exit_code=code,
@@ -247,7 +272,14 @@ def run(
         limits=limits,
         sandbox=backend.describe(),
         killed_after_grace=killed_after_grace,
+        cleanup_error="; ".join(torn.problems) or None,
     )
+
+
+def _with_cleanup_error(result: RunResult, problems: list[str]) -> RunResult:
+    if not problems:
+        return result
+    return RunResult(**{**result.as_dict(), "cleanup_error": "; ".join(problems)})
 
 
 def _supervise(
@@ -276,8 +308,6 @@ def _supervise(
             kill_at, killed_after_grace = None, True
             backend.kill_all()
         check = next_tick is not None and now >= next_tick
-        if check and backend.tick_s:
-            next_tick = now + backend.tick_s
         waits = [t for t in (deadline, kill_at, next_tick) if t is not None]
         timeout_ms = -1 if not waits else max(0.0, min(waits) - now) * 1000
         if relay is not None:
@@ -294,9 +324,12 @@ def _supervise(
                     status = _reap(pid) if status is None else status
                 elif status is None and not _terminal_already_sent(code, pid):
                     os.kill(pid, signo)
-        if check and ended_by is None and (reason := backend.check()):
+        if check and (reason := backend.check()) and ended_by is None:
             ended_by = reason
             backend.kill_all()
+        if check:  # the backend may want the next look sooner, later, or only on a wake-up
+            tick = backend.tick_s
+            next_tick = time.monotonic() + tick if tick else None
     return status, ended_by, killed_after_grace
 
 
@@ -334,11 +367,20 @@ def _reap(main: int) -> int | None:
             found = status
 
 
+class _TornDown:
+    def __init__(self, usage: Usage, reason: str | None, problems: list[str]) -> None:
+        self.usage = usage
+        self.reason = reason  # the backend's last word on why it ended (an OOM), if it ran
+        self.problems = problems  # clean-up failures: reported, never the command's status
+
+
 def _tear_down(
     backend: Backend, guardian: Guardian | None, ran: bool, entry: registry.Entry | None
-) -> tuple[Usage, str | None]:
+) -> _TornDown:
     """Kill what is left, reap, measure, remove the sandbox and its registry entry, release the
-    guardian. In that order."""
+    guardian. In that order. A kill that fails raises (nothing could be measured); a removal
+    that fails, or a guardian found dead, is one of the returned problems."""
+    problems: list[str] = []
     try:
         backend.kill_all()
         _reap(-1)
@@ -347,8 +389,10 @@ def _tear_down(
     finally:
         try:
             backend.remove()
+        except SandboxError as err:
+            problems.append(err.line())
         finally:
             registry.unregister(entry)  # never raises
-            if guardian is not None:
-                guardian.release()
-    return usage, reason
+            if guardian is not None and (problem := guardian.release()):
+                problems.append(problem)
+    return _TornDown(usage, reason, problems)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.backends.systemd import (
+from sandbox.backends.systemd.properties import (
     DESCRIPTION_CHARS,
     HOLDER_TASKS,
     RUNTIME_MARGIN_S,
@@ -134,7 +134,7 @@ def test_pystemd_loads_without_its_object_api() -> None:
     pytest.importorskip("pystemd.dbuslib")
     code = (
         "import sys\n"
-        "from sandbox.backends.systemd import import_dbuslib\n"
+        "from sandbox.backends.systemd.bus import import_dbuslib\n"
         "dbuslib, errors = import_dbuslib()\n"
         "assert dbuslib.apply_signature(b'au', [[1]])\n"
         "assert 'lxml.etree' not in sys.modules and 'pystemd.systemd1' not in sys.modules\n"

@@ -123,12 +123,12 @@ class RlimitBackend:
             self._handoff.write(list(self._watchdog.members.items()))
 
     def signal_all(self, signo: int) -> None:
-        proctree.signal(self._tree_now(), signo)
+        linux.kill_each(self._tree_now(), signo)
 
     def kill_all(self) -> None:
         def kill_round() -> set[int]:
             left = self._tree_now()
-            proctree.signal(left, _signal.SIGKILL)
+            linux.kill_each(left, _signal.SIGKILL)
             return left
 
         left = linux.until_empty(kill_round, KILL_TIMEOUT_S)
@@ -180,10 +180,10 @@ class RlimitBackend:
                 } - stopped
                 if not found:
                     break
-                proctree.signal(found, _signal.SIGSTOP)
+                linux.kill_each(found, _signal.SIGSTOP)
                 stopped |= found
         finally:
-            proctree.signal(stopped, _signal.SIGKILL)
+            linux.kill_each(stopped, _signal.SIGKILL)
         deadline = time.monotonic() + GUARDIAN_STOP_S
         while time.monotonic() < deadline and any(_alive(pid) for pid in stopped):
             time.sleep(0.01)

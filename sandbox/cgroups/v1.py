@@ -8,10 +8,11 @@ v1 has no memory.oom.group, no memory.events and no cgroup.kill. What it has:
   very cgroup (v1 does not add a child's kills to its parent's count, unlike v2).
 - memory.failcnt: how often a charge failed at this cgroup's own limit.
 So after a wake-up this sandbox was hit when, within a short window, the kernel's kill counter
-rises here or in a cgroup below (a nested sandbox), or when our own limit failed charges and
-nothing of the sandbox is left. Only then is the rest of the sandbox killed, as v2's
-memory.oom.group would: a sibling's OOM under a shared parent leaves it running, and the
-decision waits for the kernel's victim, so `reason: oom` comes with oom_kills >= 1.
+rises here or in a cgroup below (a nested sandbox, when the limit that ran out is ours or above),
+or when our own limit failed charges and nothing of the sandbox is left. Only then is the rest
+of the sandbox killed, as v2's memory.oom.group would: a sibling's OOM under a shared parent
+leaves it running, and the decision waits for the kernel's victim, so `reason: oom` comes with
+oom_kills >= 1.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ class Cgroup(tree.Cgroup):
         super().__init__(path)
         self._oom_fds: tuple[int, int] | None = None  # (eventfd, memory.oom_control fd)
         self._window_ends: float | None = None  # while waiting for the kernel's OOM counter
-        self._kills_seen = 0  # oom_kill counts that were not ours to act on
-        self._failures_seen = 0  # memory.failcnt likewise
-        self._kills_by_cgroup: dict[str, int] = {}  # the highest count each cgroup showed
+        self._woken = False  # an OOM at or above this cgroup happened during the run
+        self._failures_seen = 0  # memory.failcnt up to the last OOM that was not ours
+        self._kills_below: dict[str, int] = {}  # nested cgroups' highest oom_kill counts
 
     @property
     def tick_s(self) -> float | None:
@@ -74,46 +75,48 @@ class Cgroup(tree.Cgroup):
         return [self._oom_fds[0]] if self._oom_fds else []
 
     def kernel_oom_kill(self) -> bool:
-        kills = self.oom_kills() or 0
         if self._oom_fds is None:
-            return kills > 0  # no notification to wait on: the counter alone
+            return bool(self._own_kills())  # no notification to wait on: the counter alone
         now = time.monotonic()
         try:
             os.read(self._oom_fds[0], 8)
             self._window_ends = now + OOM_WINDOW_S
+            self._woken = True
         except BlockingIOError:
-            pass
-        failures = cgroupfs.read_int(self.path + "/memory.failcnt") or 0
-        if self._window_ends is None:
-            # No OOM at or above us since the last look: what changed meanwhile was a nested
-            # sandbox's own OOM (its own limit, its own launcher's business).
-            self._kills_seen, self._failures_seen = kills, failures
-            return False
-        if kills > self._kills_seen:
+            if self._window_ends is None:
+                return False  # no OOM at or above this cgroup since the window closed
+        if self._own_kills() or self._nested_kills():
             return True  # the kernel took a process of this sandbox
+        failures = cgroupfs.read_int(self.path + "/memory.failcnt") or 0
         if failures > self._failures_seen and not cgroupfs.procs(self.path):
             return True  # our own limit ran out and the sandbox is gone: its victim went first
         if now >= self._window_ends:
             # An OOM elsewhere (a sibling under a shared parent): not ours.
             self._window_ends = None
-            self._kills_seen, self._failures_seen = kills, failures
+            self._failures_seen = failures
         return False
+
+    def _own_kills(self) -> int:
+        # v1 counts a kill only in the victim's own cgroup: a nested sandbox's are its own.
+        return cgroupfs.read_keyed(self.path + "/memory.oom_control").get("oom_kill") or 0
+
+    def _nested_kills(self) -> int:
+        """Kills below us, when the OOM was ours but its victim ran in a nested sandbox. That
+        sandbox removes its cgroup when it ends: the highest count each one showed is kept."""
+        for top, _dirs, _files in os.walk(self.path):
+            if top != self.path:
+                count = cgroupfs.read_keyed(top + "/memory.oom_control").get("oom_kill") or 0
+                self._kills_below[top] = max(count, self._kills_below.get(top, 0))
+        return sum(self._kills_below.values())
 
     def peak_memory(self) -> int | None:
         return cgroupfs.read_int(self.path + "/memory.max_usage_in_bytes")
 
     def oom_kills(self) -> int | None:
-        """OOM kills in this cgroup and the cgroups below it. A nested sandbox removes its
-        cgroup when it ends, so the highest count each one showed is remembered."""
-        found = False
-        for top, _dirs, _files in os.walk(self.path):
-            count = cgroupfs.read_keyed(top + "/memory.oom_control").get("oom_kill")
-            if count is not None:
-                found = True
-                self._kills_by_cgroup[top] = max(count, self._kills_by_cgroup.get(top, 0))
-        if not found and not self._kills_by_cgroup:
+        own = cgroupfs.read_keyed(self.path + "/memory.oom_control").get("oom_kill")
+        if own is None:
             return None  # before Linux 4.13: no oom_kill line
-        return sum(self._kills_by_cgroup.values())
+        return own + (self._nested_kills() if self._woken else 0)
 
     def close(self) -> None:
         if self._oom_fds is not None:

@@ -28,8 +28,7 @@ from fallback.watchdog import INTERVAL_S, Watchdog
 from sandbox.core import identity, linux
 from sandbox.core.errors import BackendUnavailable, SandboxError
 from sandbox.core.limits import Limits
-from sandbox.core.placement import Placement
-from sandbox.core.result import Reason, Usage
+from sandbox.core.result import Placement, Reason, Usage
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

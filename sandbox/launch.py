@@ -7,13 +7,12 @@ import sys
 import time
 
 from sandbox.backends import selection
-from sandbox.core.cleanup import Cleanup
 from sandbox.core.errors import BackendUnavailable, SandboxError
 from sandbox.core.limits import Limits, format_duration, format_size, smaller
-from sandbox.core.placement import Placement
 from sandbox.core.result import (
     EXIT_ERROR,
     EXIT_MISSING_OUTPUT,
+    Placement,
     Reason,
     RunResult,
     Usage,
@@ -27,6 +26,7 @@ from sandbox.run import supervisor
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from sandbox.backends.protocol import Backend
@@ -260,6 +260,28 @@ def _enclosing_limit(request: RunRequest, sandbox: Placement) -> tuple[int | Non
             _SAID.add(line)
             say(request, line)
     return found, where
+
+
+class Cleanup:
+    """One owner for what an attempt creates: contextlib.ExitStack's core, without its import
+    (contextlib and functools cost ~5 ms of start-up, for this alone)."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[], object]] = []
+
+    def push(self, callback: Callable[[], object]) -> None:
+        self._callbacks.append(callback)
+
+    def close(self) -> list[Exception]:
+        """Run every callback, last pushed first, even when one fails; return the failures (the
+        caller reports them: a clean-up failure never replaces what the run itself ended with)."""
+        failures: list[Exception] = []
+        while self._callbacks:
+            try:
+                self._callbacks.pop()()
+            except Exception as err:  # noqa: BLE001 - collected for the caller to report
+                failures.append(err)
+        return failures
 
 
 _SAID: set[str] = set()

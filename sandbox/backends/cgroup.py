@@ -18,8 +18,7 @@ from sandbox.cgroups.cgroupfs import Hierarchy
 from sandbox.core import identity
 from sandbox.core.errors import BackendUnavailable, SandboxError, UsageError
 from sandbox.core.limits import Limits
-from sandbox.core.placement import Placement
-from sandbox.core.result import Reason, Usage
+from sandbox.core.result import Placement, Reason, Usage
 
 CONTROLLERS = ("memory", "pids")
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from sandbox.core.limits import Limits
-from sandbox.core.placement import Placement
-from sandbox.core.result import Usage
+from sandbox.core.result import Placement, Usage
 
 
 class Backend(Protocol):

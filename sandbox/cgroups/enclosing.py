@@ -12,7 +12,7 @@ import os
 
 from sandbox.cgroups import cgroupfs
 from sandbox.cgroups.v1 import UNLIMITED as V1_UNLIMITED
-from sandbox.core.placement import Placement
+from sandbox.core.result import Placement
 
 
 def enclosing_memory_limit(start: str | None = None) -> tuple[int | None, str | None]:

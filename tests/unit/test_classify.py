@@ -6,8 +6,7 @@ import os
 import signal
 
 from sandbox.core.limits import Limits
-from sandbox.core.placement import Placement
-from sandbox.core.result import Reason, RunResult, Usage, classify, message
+from sandbox.core.result import Placement, Reason, RunResult, Usage, classify, message
 
 LIMITS = Limits(1 << 30, 100, 5.0)
 

@@ -14,7 +14,7 @@ from sandbox.cgroups.cgroupfs import Hierarchy
 from sandbox.cgroups.enclosing import enclosing_memory_limit, for_sandbox
 from sandbox.core.errors import SandboxError, UsageError
 from sandbox.core.limits import Limits
-from sandbox.core.placement import Placement
+from sandbox.core.result import Placement
 from sandbox.options import parse_run
 from sandbox.registry import inventory
 from sandbox.registry import store as registry

@@ -27,8 +27,7 @@ from sandbox.cgroups import cgroupfs, tree, v2
 from sandbox.core import identity
 from sandbox.core.errors import SandboxError
 from sandbox.core.limits import Limits, format_size
-from sandbox.core.placement import Placement
-from sandbox.core.result import Reason, Usage
+from sandbox.core.result import Placement, Reason, Usage
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

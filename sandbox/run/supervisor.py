@@ -229,16 +229,7 @@ def _run(
         try:
             pid = spawn(argv, backend, child_mask)
         except ExecFailed as err:
-            code = EXIT_NOT_FOUND if err.errno in (2, 20) else EXIT_NOT_EXECUTABLE
-            failure = RunResult(
-                reason=Reason.NOT_FOUND if code == EXIT_NOT_FOUND else Reason.NOT_EXECUTABLE,
-                exit_code=code,
-                wall_s=time.monotonic() - start,
-                usage=Usage(),
-                limits=limits,
-                sandbox=backend.describe(),
-                detail=f"cannot run {argv[0]!r}: {err}",
-            )
+            failure = _not_started(argv, err, backend, limits, start)
         else:
             # gc's cheap part, now that the command runs (off its way to exec); again at
             # teardown.
@@ -252,15 +243,7 @@ def _run(
     if failure is not None:
         return _with_cleanup_error(failure, torn.problems)
     assert status is not None
-    measured = torn.usage
-    if measured.cpu_s is None:  # no cgroup cpu.stat: we reap every descendant (subreaper)
-        after = os.times()
-        cpu = (after.children_user - times_before.children_user) + (
-            after.children_system - times_before.children_system
-        )
-        measured = Usage(
-            measured.peak_memory_bytes, measured.oom_kills, measured.pids_limit_hits, cpu
-        )
+    measured = _with_cpu(torn.usage, times_before)
     reason, code, child_code, signo = classify(status, ended_by or torn.reason, measured, limits)
     return RunResult(
         reason=reason,
@@ -274,6 +257,32 @@ def _run(
         killed_after_grace=killed_after_grace,
         cleanup_error="; ".join(torn.problems) or None,
     )
+
+
+def _not_started(
+    argv: list[str], err: ExecFailed, backend: Backend, limits: Limits, start: float
+) -> RunResult:
+    code = EXIT_NOT_FOUND if err.errno in (2, 20) else EXIT_NOT_EXECUTABLE
+    return RunResult(
+        reason=Reason.NOT_FOUND if code == EXIT_NOT_FOUND else Reason.NOT_EXECUTABLE,
+        exit_code=code,
+        wall_s=time.monotonic() - start,
+        usage=Usage(),
+        limits=limits,
+        sandbox=backend.describe(),
+        detail=f"cannot run {argv[0]!r}: {err}",
+    )
+
+
+def _with_cpu(measured: Usage, times_before: os.times_result) -> Usage:
+    """Without a cgroup's cpu.stat: the rusage of every descendant we reaped (a subreaper)."""
+    if measured.cpu_s is not None:
+        return measured
+    after = os.times()
+    cpu = (after.children_user - times_before.children_user) + (
+        after.children_system - times_before.children_system
+    )
+    return Usage(measured.peak_memory_bytes, measured.oom_kills, measured.pids_limit_hits, cpu)
 
 
 def _with_cleanup_error(result: RunResult, problems: list[str]) -> RunResult:

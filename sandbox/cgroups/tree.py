@@ -154,7 +154,11 @@ class Cgroup:
         raise NotImplementedError
 
     def kill(self) -> None:
-        if not kill_until_empty(self.path):
+        try:
+            emptied = kill_until_empty(self.path)
+        except OSError as err:
+            raise SandboxError(f"cannot kill the processes in {self.path}: {err.strerror}") from err
+        if not emptied:
             raise SandboxError(
                 f"processes in {self.path} did not die within {KILL_TIMEOUT_S:g} s of SIGKILL"
             )

@@ -137,7 +137,7 @@ class SystemdBackend:
         try:
             directory = self.scope.path if self.scope else self._lookup_scope(self._bus)
             if directory is not None:
-                _kill(directory)
+                v2.Cgroup(directory).kill()
             if self._holder is not None:
                 self._holder.end()
             if self._bus is not None:
@@ -158,7 +158,7 @@ class SystemdBackend:
         try:
             directory = self._lookup_scope(bus)
             if directory is not None:
-                _kill(directory)
+                v2.Cgroup(directory).kill()
             bus.stop_unit(self.unit)
         except SandboxError as err:
             raise _removal_failed(self.unit, err) from err
@@ -201,13 +201,6 @@ class SystemdBackend:
             for fd in self._release:
                 os.close(fd)
             self._release = None
-
-
-def _kill(directory: str) -> None:
-    try:
-        v2.Cgroup(directory).kill()
-    except OSError as err:
-        raise SandboxError(f"cannot kill the processes in {directory}: {err.strerror}") from err
 
 
 def _removal_failed(unit: str, err: SandboxError) -> SandboxError:

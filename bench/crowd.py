@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sandbox.budgets import cgroup as levels_fs  # noqa: E402
-from sandbox.cgroups import cgroupfs  # noqa: E402
+from sandbox.cgroups import cgroupfs, tree  # noqa: E402
 from sandbox.core.limits import format_size, parse_size  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -85,7 +85,7 @@ class Parent:
 
     def remove(self) -> None:
         for path in sorted(self.paths, key=len, reverse=True):
-            cgroupfs.remove_tree(path, timeout_s=2)
+            tree.remove(path, timeout_s=2)
 
 
 def budget_peak(name: str) -> int | None:

@@ -27,22 +27,21 @@ from fallback import proctree
 from fallback.address_space import backstop
 from fallback.handoff import Handoff
 from fallback.watchdog import INTERVAL_S, Watchdog
-from sandbox.core import identity, procfs
+from sandbox.core import identity, linux, procfs
 from sandbox.core.errors import BackendUnavailable, SandboxError, UsageError
 from sandbox.core.limits import Limits, parse_duration
-from sandbox.core.result import Reason, Usage
+from sandbox.core.result import Placement, Reason, Usage
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal as _signal
-    from typing import Any
 else:
     import _signal
 
 # Every process of the tree inherits this variable (unless it clears its environment): the
 # guardian finds by it what was forked after the watchdog's last sample.
 MARKER = "AERO_SANDBOX_TREE"
-KILL_TIMEOUT_S = 3.0  # as cgroupfs.kill_all: a task in uninterruptible sleep may need a moment
+KILL_TIMEOUT_S = 3.0  # as a cgroup's kill: a task in uninterruptible sleep may need a moment
 GUARDIAN_STOP_S = 1.0  # of the 2 s promise: stopping what the guardian finds, then the kill
 # The thrash rule's window (fallback/watchdog.py): the rlimit side of the cgroup backends'
 # memory-pressure option; "off" disables it.
@@ -140,7 +139,7 @@ class RlimitBackend:
             # Kill what the sample saw at once, before kill_all's walk of the whole /proc:
             # each ms lets a tree growing 1 GiB/s gain 1 MB. These pids are safe to signal:
             # nothing was reaped since the sample, so each is ours, alive or a zombie.
-            proctree.signal(set(self._watchdog.members), _signal.SIGKILL)
+            linux.kill_each(set(self._watchdog.members), _signal.SIGKILL)
         return self._ended_by
 
     def _publish(self) -> None:
@@ -148,25 +147,22 @@ class RlimitBackend:
             self._handoff.write(list(self._watchdog.members.items()))
 
     def signal_all(self, signo: int) -> None:
-        proctree.signal(self._tree_now(), signo)
+        linux.kill_each(self._tree_now(), signo)
 
     def kill_all(self) -> None:
-        if os.getpid() != self._launcher:
-            self._kill_from_guardian()
-            return
-        deadline = time.monotonic() + KILL_TIMEOUT_S
-        pause = 0.0005
         # Until every process is dead and waitable: a multi-threaded process whose main thread
         # has exited shows "Z" while its other threads still exit, and cannot be reaped (nor
         # its CPU time counted in os.times()) before they have.
-        while left := self._tree_now() | self._not_yet_waitable():
-            proctree.signal(left, _signal.SIGKILL)
-            if time.monotonic() > deadline:
-                raise SandboxError(
-                    f"processes {sorted(left)} did not die within {KILL_TIMEOUT_S:g} s of SIGKILL"
-                )
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+        def kill_round() -> set[int]:
+            left = self._tree_now() | self._not_yet_waitable()
+            linux.kill_each(left, _signal.SIGKILL)
+            return left
+
+        left = linux.until_empty(kill_round, KILL_TIMEOUT_S)
+        if left:
+            raise SandboxError(
+                f"processes {sorted(left)} did not die within {KILL_TIMEOUT_S:g} s of SIGKILL"
+            )
 
     def _not_yet_waitable(self) -> set[int]:
         """The launcher's children in the tree that waitpid() could not reap yet."""
@@ -193,6 +189,12 @@ class RlimitBackend:
             if info.ppid == self._launcher and pid not in self._excluded
         }
         return {pid for pid in proctree.descendants(procs, roots) if procs[pid].state not in "ZX"}
+
+    def guardian_cleanup(self) -> None:
+        try:
+            self._kill_from_guardian()
+        finally:
+            self.remove()
 
     def _kill_from_guardian(self) -> None:
         """The launcher died: its orphans went to init. Find, stop, then kill what was ours.
@@ -222,10 +224,10 @@ class RlimitBackend:
                 } - stopped
                 if not found:
                     break
-                proctree.signal(found, _signal.SIGSTOP)
+                linux.kill_each(found, _signal.SIGSTOP)
                 stopped |= found
         finally:
-            proctree.signal(stopped, _signal.SIGKILL)
+            linux.kill_each(stopped, _signal.SIGKILL)
         deadline = time.monotonic() + GUARDIAN_STOP_S
         while time.monotonic() < deadline and any(_alive(pid) for pid in stopped):
             time.sleep(0.01)
@@ -248,15 +250,13 @@ class RlimitBackend:
             self._handoff.close()
             self._handoff = None
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> Placement:
         watchdog = self._watchdog
         memory = ["watchdog"] if watchdog and watchdog.memory_limit is not None else []
         pids = ["watchdog"] if watchdog and watchdog.tasks_limit is not None else []
         memory += [name for name in ("RLIMIT_AS", "RLIMIT_DATA") if name in self._rlimits]
         pids += ["RLIMIT_NPROC"] if "RLIMIT_NPROC" in self._rlimits else []
-        return {
-            # The report's limits.address_space_bytes (launch.py): the cap as applied.
-            "address_space_bytes": self._rlimits.get("RLIMIT_AS"),
+        enforcement = {
             "memory_enforcement": memory,
             "pids_enforcement": pids,
             "rlimits": dict(self._rlimits),
@@ -271,6 +271,10 @@ class RlimitBackend:
             },
             "marker": f"{MARKER}={self._id}",
         }
+        # address_space_bytes: the report's limits.address_space_bytes, the cap as applied.
+        return Placement(
+            address_space_bytes=self._rlimits.get("RLIMIT_AS"), enforcement=enforcement
+        )
 
 
 def _alive(pid: int) -> bool:

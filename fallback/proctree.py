@@ -111,11 +111,3 @@ def marked(variable: str, value: str) -> set[int]:
         if data and needle in data.split(b"\0"):
             found.add(pid)
     return found
-
-
-def signal(pids: set[int], signo: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signo)
-        except ProcessLookupError:
-            pass

@@ -42,7 +42,7 @@ from __future__ import annotations
 import time
 
 from fallback import proctree
-from sandbox.core import procfs
+from sandbox.core import linux, procfs
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -239,12 +239,12 @@ class Watchdog:
         # for 8 processes growing together to 1 GiB, while they grew by 200 MB more. Stopped,
         # they wait for the verdict instead: killed (the backend kills what is over), or
         # continued. Only the running ones: a process stopped by someone else stays stopped.
-        proctree.signal(running, _signal.SIGSTOP)
+        linux.kill_each(running, _signal.SIGSTOP)
         pss_now = self._proportional()
         if pss_now is None:
             return rss_sum
         if pss_now <= self.memory_limit:
-            proctree.signal(running, _signal.SIGCONT)
+            linux.kill_each(running, _signal.SIGCONT)
         self._basis = (pss_now, rss_sum, faults)
         return pss_now
 

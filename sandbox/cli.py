@@ -19,6 +19,7 @@ HELP_FLAGS = ("-h", "--help", "--version")
 
 def main(args: list[str] | None = None) -> int:
     args = sys.argv[1:] if args is None else args
+    _hold_closed_std_fds()
     try:
         if args and (args[0] in SUBCOMMANDS or args[0] in HELP_FLAGS):
             return _click_main(args)
@@ -35,7 +36,8 @@ def main(args: list[str] | None = None) -> int:
 
         return execute(request)
     except SandboxError as err:
-        sys.stderr.write(f"aero-sandbox: {err.line()}\n")
+        if sys.stderr is not None:  # None: started with `2>&-`
+            sys.stderr.write(f"aero-sandbox: {err.line()}\n")
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
@@ -52,6 +54,21 @@ def exit_now(code: int) -> None:
         except OSError:  # a closed pipe: Python's own exit reports that as status 120
             code = code or 120
     os._exit(code)
+
+
+def _hold_closed_std_fds() -> None:
+    """Started with stdin, stdout or stderr closed (`2>&-`), the next file we open (a cgroup's
+    eventfd, a pipe, the signalfd) would get that number, and our stderr lines would be written
+    into it. Hold each closed one with /dev/null, close-on-exec: the command still finds it
+    closed, as its caller meant."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            if null != fd:
+                os.dup2(null, fd, inheritable=False)
+                os.close(null)
 
 
 def _click_main(args: list[str]) -> int:

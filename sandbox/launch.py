@@ -15,6 +15,7 @@ from sandbox.core.result import (
     EXIT_MISSING_OUTPUT,
     EXIT_QUEUE_TIMEOUT,
     Attempt,
+    Placement,
     Reason,
     RunResult,
     Usage,
@@ -26,6 +27,7 @@ from sandbox.run import supervisor
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from sandbox.backends.protocol import Backend
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 
 
 def say(request: RunRequest, text: str, level: int = 0) -> None:
-    if request.verbosity >= level:
+    if request.verbosity >= level and sys.stderr is not None:  # None: started with `2>&-`
         sys.stderr.write(f"aero-sandbox: {text}\n")
         sys.stderr.flush()
 
@@ -75,6 +77,8 @@ def execute(request: RunRequest) -> int:
     line = message(result, attempt.enclosing)
     if line:
         say(request, line)
+    if result.cleanup_error:
+        say(request, f"after the command ended: {result.cleanup_error}")
     if request.verbosity > 0 and result.reason != Reason.ERROR:
         say(request, _summary(result), 1)
     if request.report:
@@ -96,12 +100,15 @@ def _attempt(
     not_enforced: list[str] = []
     enclosing: tuple[int | None, str | None] = (None, None)
     member: Membership | None = None
+    owner = Cleanup()  # owns the prepared sandbox until it is removed, on every path
     try:
         if request.budget is not None:
             member = _join_budget(request)
+            owner.push(member.leave)  # after the sandbox is gone: the reservation, the locks
         backend, choice = selection.prepare(
             request.backend, limits, request.argv, request.parent, request.slice, member
         )
+        owner.push(backend.remove)  # a no-op once the supervisor's tear-down removed it
         backend_name, not_enforced = backend.name, backend.not_enforced
         for why in choice["refused"].values():
             # systemd runs here but its backend could not: say why and the fix, once a run.
@@ -134,8 +141,9 @@ def _attempt(
             line = f"{signal_name(err.signo)} while waiting for admission: the command did not run"
             result = _not_run(Reason.SIGNALED, 128 + err.signo, start, limits, line, err.signo)
     finally:
-        if member is not None:
-            member.leave()  # after the sandbox is gone: the reservation and the budget locks
+        failures = owner.close()
+    if failures and not result.cleanup_error:
+        result = _replace(result, cleanup_error=_line(failures[0]))
     return Attempt(
         result=result,
         backend_name=backend_name,
@@ -179,7 +187,7 @@ def _not_run(
         wall_s=time.monotonic() - start,
         usage=Usage(),
         limits=limits,
-        sandbox={},
+        sandbox=Placement(),
         detail=detail,
     )
 
@@ -189,11 +197,7 @@ def _supervised(
 ) -> RunResult:
     if relay is None:
         return supervisor.run(argv, limits, backend)
-    try:
-        relay.start()
-    except BaseException:
-        backend.remove()
-        raise
+    relay.start()
     try:
         return supervisor.run(argv, limits, backend, relay)
     finally:
@@ -282,7 +286,7 @@ def _missing_outputs(paths: list[str]) -> list[str]:
     return problems
 
 
-def _enclosing_limit(request: RunRequest, sandbox: dict[str, Any]) -> tuple[int | None, str | None]:
+def _enclosing_limit(request: RunRequest, sandbox: Placement) -> tuple[int | None, str | None]:
     """The memory limit of a cgroup around the sandbox; say (once a run) if it is below --mem."""
     from sandbox.cgroups.enclosing import for_sandbox
 
@@ -300,7 +304,33 @@ def _enclosing_limit(request: RunRequest, sandbox: dict[str, Any]) -> tuple[int 
     return found, where
 
 
+class Cleanup:
+    """One owner for what an attempt creates: contextlib.ExitStack's core, without its import
+    (contextlib and functools cost ~5 ms of start-up, for this alone)."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[], object]] = []
+
+    def push(self, callback: Callable[[], object]) -> None:
+        self._callbacks.append(callback)
+
+    def close(self) -> list[Exception]:
+        """Run every callback, last pushed first, even when one fails; return the failures (the
+        caller reports them: a clean-up failure never replaces what the run itself ended with)."""
+        failures: list[Exception] = []
+        while self._callbacks:
+            try:
+                self._callbacks.pop()()
+            except Exception as err:  # noqa: BLE001 - collected for the caller to report
+                failures.append(err)
+        return failures
+
+
 _SAID: set[str] = set()
+
+
+def _line(err: Exception) -> str:
+    return err.line() if isinstance(err, SandboxError) else f"{type(err).__name__}: {err}"
 
 
 def _summary(result: RunResult) -> str:

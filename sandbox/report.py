@@ -58,6 +58,7 @@ def build(
         # `notices` stays out: each is also in `refused`; it only decides what stderr shows.
         "backend_choice": {k: v for k, v in attempt.choice.items() if k != "notices"},
         "detail": result.detail,
+        "cleanup_error": result.cleanup_error,
         "not_enforced": attempt.not_enforced,
         "launcher_pid": os.getpid(),
         "effective_memory_bytes": smaller(request.limits.memory_bytes, enclosing_bytes),
@@ -72,9 +73,8 @@ def build(
 
 def _from_description(result: RunResult) -> tuple[dict[str, Any], int | None]:
     """The report's `sandbox` object and the address-space cap applied, from the backend's
-    describe() as the result carries it: the one place the report reads a description."""
-    described = result.sandbox
-    return dict(described), described.get("address_space_bytes")
+    Placement as the result carries it: the one place the report reads a description."""
+    return result.sandbox.as_report(), result.sandbox.address_space_bytes
 
 
 def write(path: str, data: dict[str, Any]) -> None:

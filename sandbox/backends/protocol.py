@@ -6,23 +6,28 @@ start-up time is a feature. A backend object lives for one run:
     prepare -> (fork) child_setup in the child -> started in the parent -> collect_stale
     -> supervise (watch_fds / check / signal_all) -> kill_all -> measure -> remove
 
-`remove` must be safe to call twice and from the guardian process (launcher killed).
+From prepare on, the launcher's clean-up context owns the backend: remove() runs on every path
+(it must be safe to call twice). guardian_cleanup() is the other owner's path: the guardian,
+a fork of the launcher, calls it when the launcher died without cleaning up.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from sandbox.core.limits import Limits
-from sandbox.core.result import Usage
+from sandbox.core.result import Placement, Usage
 
 
 class Backend(Protocol):
     name: str
     # Limits this backend could not enforce on this host ("pids", ...), for the report.
     not_enforced: list[str]
-    # Seconds between periodic check() calls, or None when only watch_fds wake us.
-    tick_s: float | None
+
+    @property
+    def tick_s(self) -> float | None:
+        """Seconds until check() must run without a wake-up (the rlimit watchdog's sampling, v1
+        waiting for the kernel's OOM counter), or None when only watch_fds wake us."""
 
     def prepare(self, limits: Limits, argv: list[str]) -> None:
         """Create the sandbox; raise BackendUnavailable (auto tries the next) or SandboxError."""
@@ -37,7 +42,7 @@ class Backend(Protocol):
         """File descriptors whose readiness means check() has news (an OOM event)."""
 
     def check(self) -> str | None:
-        """Reason.OOM when the sandbox ran out of memory under our limit, else None."""
+        """Reason.OOM when the kernel's OOM killer struck this sandbox, else None."""
 
     def signal_all(self, signo: int) -> None:
         """Send a signal to every process in the sandbox."""
@@ -53,7 +58,11 @@ class Backend(Protocol):
         never raises. Runs once the command has started, off its way to exec, and in remove()."""
 
     def remove(self) -> None:
-        """Delete the sandbox (cgroups, unit), then collect_stale()."""
+        """Delete the sandbox (cgroups, unit), then collect_stale(). Safe to call twice."""
 
-    def describe(self) -> dict[str, Any]:
-        """Paths and names a harness or a person needs to find the sandbox."""
+    def guardian_cleanup(self) -> None:
+        """In the guardian, after the launcher died: kill everything in the sandbox and delete it,
+        from what prepare() recorded (the guardian was forked before the command started)."""
+
+    def describe(self) -> Placement:
+        """Where the sandbox is, for the registry, the enclosing-limit walk and the report."""

@@ -16,15 +16,13 @@ from __future__ import annotations
 import errno
 import os
 
-from sandbox.backends.cgroup import CONTROLLERS, at_parent, enable_controllers, set_checked
+from sandbox.backends.cgroup import CONTROLLERS, at_parent
 from sandbox.budgets.model import Caps, Level, directory_names, levels, segment_of
-from sandbox.cgroups import cgroupfs
+from sandbox.cgroups import cgroupfs, tree, v1, v2
 from sandbox.cgroups.cgroupfs import Hierarchy
 from sandbox.core.errors import SandboxError
 from sandbox.core.limits import format_size
 
-# cgroup v1 writes "no limit" as PAGE_COUNTER_MAX pages; anything this large is no limit.
-_V1_UNLIMITED = 1 << 60
 ROOT_ENV = "AERO_BUDGET_ROOT"
 
 
@@ -40,7 +38,7 @@ def bases(root: str | None = None, hierarchies: list[Hierarchy] | None = None) -
         own = h.own
         if h.version == 2:
             wanted = set(CONTROLLERS) & h.controllers
-            own = enable_controllers(h.own, wanted) if wanted else h.own
+            own = _sandbox_parent(h.own, wanted) if wanted else h.own
         result.append(Hierarchy(h.version, h.mount, h.controllers, own))
     if not any(_holds_memory(h) for h in result):
         raise SandboxError(
@@ -49,6 +47,17 @@ def bases(root: str | None = None, hierarchies: list[Hierarchy] | None = None) -
             "run as root on a host with the memory controller, or in a delegated cgroup",
         )
     return result
+
+
+def _sandbox_parent(own: str, wanted: set[str]) -> str:
+    """Our own v2 cgroup, made able to give `wanted` controllers to the levels below it."""
+    try:
+        return v2.sandbox_parent(own, wanted)
+    except OSError as err:
+        raise SandboxError(
+            f"cannot give {', '.join(sorted(wanted))} to budgets below {own}: {err.strerror}",
+            "run as root, or in a cgroup delegated to you",
+        ) from err
 
 
 def _holds_memory(h: Hierarchy) -> bool:
@@ -143,7 +152,7 @@ def set_caps(places: list[Hierarchy], parts: tuple[str, ...], caps: Caps) -> Non
 
 def _write_limit(path: str, name: str, value: int | None) -> None:
     if value is not None:
-        set_checked(path, name, value)
+        tree.Cgroup(path).write_checked(name, value)
         return
     try:
         cgroupfs.write(f"{path}/{name}", "max")
@@ -163,7 +172,7 @@ def _set_v1_memory(path: str, value: int | None) -> None:
             cgroupfs.write(f"{path}/{name}", "-1")  # v1's "no limit"
             continue
         try:
-            set_checked(path, name, value)
+            tree.Cgroup(path).write_checked(name, value)
         except SandboxError as err:
             usage = cgroupfs.read_int(path + "/memory.usage_in_bytes")
             raise SandboxError(
@@ -180,7 +189,7 @@ def read_level(places: list[Hierarchy], parts: tuple[str, ...]) -> Level:
     else:
         names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.max_usage_in_bytes")
     cap, usage, peak = (cgroupfs.read_int(f"{path}/{name}") for name in names)
-    if cap is not None and cap >= _V1_UNLIMITED:
+    if cap is not None and cap >= v1.UNLIMITED:
         cap = None
     pids = pids_base(places)
     pids_cap = cgroupfs.read_int(level_dir(pids, parts) + "/pids.max") if pids else None
@@ -238,7 +247,7 @@ def remove(places: list[Hierarchy], parts: tuple[str, ...]) -> list[str]:
         if not os.path.isdir(path):
             continue
         try:
-            cgroupfs.remove_tree(path, timeout_s=0.5)
+            tree.remove(path, timeout_s=0.5)
         except OSError as err:
             if err.errno == errno.ENOENT:
                 continue

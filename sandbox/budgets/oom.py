@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import sys
 
-from sandbox.cgroups import cgroupfs
+from sandbox.cgroups import cgroupfs, v1
 
 BUDGET_OOM = "budget_oom"
 OOM = "oom"
@@ -147,7 +147,7 @@ class BudgetWatch:
 
 def _cap(path: str, version: int) -> int | None:
     value = cgroupfs.read_int(path + ("/memory.max" if version == 2 else "/memory.limit_in_bytes"))
-    return None if value is None or value >= 1 << 60 else value
+    return None if value is None or value >= v1.UNLIMITED else value
 
 
 def _usage(path: str, version: int) -> int | None:

@@ -1,4 +1,5 @@
-"""Finding our cgroups, and reading and writing cgroupfs files: shared by the cgroup backends.
+"""Finding our cgroups, and reading and writing cgroupfs files (sandbox/cgroups/tree.py creates,
+kills and removes them).
 
 Paths come from /proc/self/mountinfo (where each hierarchy is mounted, and which part of it)
 and /proc/self/cgroup (where we are in it), so a sandbox is always created below the cgroup the
@@ -8,12 +9,11 @@ were not placed in.
 
 from __future__ import annotations
 
-import errno
 import os
-import time
 
+from sandbox.core import linux
 from sandbox.core.frozen import Frozen
-from sandbox.core.identity import PREFIX, launcher_pid, pid_exists
+from sandbox.core.identity import PREFIX
 
 
 class Hierarchy(Frozen):
@@ -149,88 +149,32 @@ def procs(directory: str) -> list[int]:
 
 
 def signal_all(directory: str, signo: int) -> None:
-    for pid in procs(directory):
-        try:
-            os.kill(pid, signo)
-        except ProcessLookupError:
-            pass
+    linux.kill_each(procs(directory), signo)
 
 
-def kill_all(directory: str, version: int, timeout_s: float = 3.0) -> bool:
-    """SIGKILL everything in the cgroup subtree and wait (bounded) until it is empty.
+def below_mounts(path: str, mounts: list[str]) -> str | None:
+    """A --parent path relative to the cgroup mounts, as every hierarchy uses it.
 
-    cgroup.kill (Linux 5.14+, v2 only) kills atomically, fork races included; without it we
-    kill what cgroup.procs lists until nothing is left.
+    An absolute path loses the longest mount it lies below (None when it lies below none); a
+    relative one is taken as it is. "" when it names no cgroup below a hierarchy's root.
     """
-    use_kill_file = version == 2 and os.path.exists(directory + "/cgroup.kill")
-    deadline = time.monotonic() + timeout_s
-    pause = 0.0005
-    while True:
-        if use_kill_file:
-            try:
-                write(directory + "/cgroup.kill", "1")
-            except FileNotFoundError:
-                return True
-        left = procs(directory)
-        if not left:
-            return True
-        if not use_kill_file:
-            for pid in left:
-                try:
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
-
-
-def remove_tree(directory: str, timeout_s: float = 2.0) -> None:
-    """rmdir a cgroup and the cgroups below it, deepest first (nested sandboxes leave some)."""
-    deadline = time.monotonic() + timeout_s
-    for top, _dirs, _files in os.walk(directory, topdown=False):
-        while True:
-            try:
-                os.rmdir(top)
-                break
-            except FileNotFoundError:
-                break
-            except OSError as err:
-                # EBUSY: the last task is still exiting; give it a moment, bounded.
-                if err.errno != errno.EBUSY or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.002)
+    relative = path.strip()
+    if relative.startswith("/"):
+        longest_first = sorted(mounts, key=len, reverse=True)
+        mount = next((m for m in longest_first if relative.startswith(m.rstrip("/") + "/")), None)
+        if mount is None:
+            return None
+        relative = relative[len(mount) :]
+    parts = [part for part in relative.split("/") if part]
+    if any(part in (".", "..") for part in parts):
+        return ""
+    return "/".join(parts)
 
 
 def inside_sandbox(proc_cgroup: str | None = None) -> bool:
     """Whether this process already runs inside an aero-sandbox (cgroup or systemd scope)."""
     text = _read("/proc/self/cgroup") if proc_cgroup is None else proc_cgroup
     return f"/{PREFIX}" in text
-
-
-def remove_stale(parent: str) -> list[str]:
-    """Remove empty sandbox cgroups whose launcher is gone (a crash, a SIGKILL of both processes).
-
-    A live launcher's cgroup is never touched: its pid still exists. rmdir refuses a cgroup that
-    still holds a process, so a live sandbox cannot be removed by mistake either.
-    """
-    removed: list[str] = []
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return removed
-    for name in names:
-        pid = launcher_pid(name)
-        if pid is None or pid == os.getpid() or pid_exists(pid):
-            continue
-        path = os.path.join(parent, name)
-        try:
-            remove_tree(path, timeout_s=0)
-            removed.append(path)
-        except OSError:
-            pass
-    return removed
 
 
 def cgroup_mode(versions: set[int]) -> str:

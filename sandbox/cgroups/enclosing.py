@@ -11,10 +11,8 @@ from __future__ import annotations
 import os
 
 from sandbox.cgroups import cgroupfs
-
-# cgroup v1 writes "no limit" as PAGE_COUNTER_MAX pages (0x7ffffffffffff000 with 4K pages);
-# anything this large is no limit.
-_V1_UNLIMITED = 1 << 60
+from sandbox.cgroups.v1 import UNLIMITED as V1_UNLIMITED
+from sandbox.core.result import Placement
 
 
 def enclosing_memory_limit(start: str | None = None) -> tuple[int | None, str | None]:
@@ -37,7 +35,7 @@ def enclosing_memory_limit(start: str | None = None) -> tuple[int | None, str | 
         value = cgroupfs.read_int(f"{directory}/{name}")
         if value is None and not os.path.exists(f"{directory}/{name}"):
             break
-        if value is not None and value < _V1_UNLIMITED and (smallest is None or value < smallest):
+        if value is not None and value < V1_UNLIMITED and (smallest is None or value < smallest):
             smallest, where = value, directory
         parent = os.path.dirname(directory)
         if parent == directory:
@@ -56,17 +54,14 @@ def own_memory_cgroup() -> str | None:
     return None
 
 
-def for_sandbox(sandbox: dict[str, object]) -> tuple[int | None, str | None]:
+def for_sandbox(sandbox: Placement) -> tuple[int | None, str | None]:
     """The limit enclosing a prepared sandbox, from its describe(): above its memory cgroup.
 
     A backend without cgroups (rlimit) is enclosed by the launcher's own memory cgroup.
     """
-    cgroups = sandbox.get("cgroups")
-    paths: list[str] = []
-    if isinstance(cgroups, dict):
-        memory = cgroups.get("memory")
-        paths = [memory] if isinstance(memory, str) else []
-        paths += [p for p in cgroups.values() if isinstance(p, str) and p not in paths]
+    cgroups = sandbox.cgroups
+    paths = [cgroups["memory"]] if "memory" in cgroups else []
+    paths += [p for p in cgroups.values() if p not in paths]
     for path in paths:
         if os.path.exists(path + "/memory.max") or os.path.exists(path + "/memory.limit_in_bytes"):
             return enclosing_memory_limit(os.path.dirname(path))

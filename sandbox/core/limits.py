@@ -53,6 +53,11 @@ def is_ascii_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def smaller(first: int | None, second: int | None) -> int | None:
+    """The smaller of two limits, None meaning no limit."""
+    return second if first is None else first if second is None else min(first, second)
+
+
 def _number(text: str) -> float | None:
     # float() also takes "1_000", "١٢" and surrounding spaces: plain ASCII forms only.
     if not text.isascii() or "_" in text or text != text.strip():
@@ -148,11 +153,6 @@ def parse_pids(text: str, what: str = "--pids") -> int | None:
             f"invalid {what} value {text!r}: expected {PIDS_FORMS} (at most {MAX_PIDS})"
         )
     return int(raw)
-
-
-def smaller(first: int | None, second: int | None) -> int | None:
-    """The tighter of two limits, None meaning no limit."""
-    return second if first is None else first if second is None else min(first, second)
 
 
 def format_size(value: int | None, compact: bool = False) -> str:

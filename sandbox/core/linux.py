@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import _ctypes
 import os
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 SFD_NONBLOCK = os.O_NONBLOCK
 SFD_CLOEXEC = os.O_CLOEXEC
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     _IntData = _ctypes._SimpleCData[int]
 else:
@@ -87,3 +91,35 @@ def read_signals(fd: int) -> list[tuple[int, int, int]]:
         pid = int.from_bytes(field[2], "little")
         found.append((signo, code, pid))
     return found
+
+
+def kill_each(pids: Collection[int], signo: int) -> None:
+    """Signal each pid; one that has exited meanwhile is no error."""
+    for pid in pids:
+        try:
+            os.kill(pid, signo)
+        except ProcessLookupError:
+            pass
+
+
+def until_empty(kill_round: Callable[[], Collection[int]], timeout_s: float) -> Collection[int]:
+    """Repeat kill_round (kill what is there, return what was there) until it finds nothing or
+    `timeout_s` passes; return what the last round found (empty: all gone). The one
+    kill-until-empty loop: a cgroup's (tree.kill_until_empty) and a process tree's (rlimit)."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.0005
+    while True:
+        left = kill_round()
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+def detach_from_caller() -> None:
+    """In a freshly forked helper (the guardian, systemd's holder): leave the terminal's session,
+    so ^C and ^Z are not for it, and hold none of the caller's pipes open (stdio -> /dev/null)."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)

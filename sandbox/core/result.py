@@ -46,6 +46,39 @@ EXIT_QUEUE_TIMEOUT = 75
 EXIT_MISSING_OUTPUT = 123
 
 
+class Placement(Frozen):
+    """None (or empty) where a backend has no such thing.
+
+    cgroups      controller ("memory", "pids", "unified") -> cgroup directory
+    cgroup_mode  "v2", "v1" or "hybrid": which hierarchies those directories are in
+    unit, slice  the systemd scope and the slice it was asked into
+    address_space_bytes  the RLIMIT_AS the rlimit backend applied (the report's limits)
+    enforcement  the rlimit backend's account of how each limit is enforced (report keys)
+    budget       --budget: its name, and what ran out after a budget_oom
+    """
+
+    cgroups: dict[str, str] = {}  # noqa: RUF012 - shared default, never mutated
+    cgroup_mode: str | None = None
+    unit: str | None = None
+    slice: str | None = None
+    address_space_bytes: int | None = None
+    enforcement: dict[str, Any] | None = None
+    budget: dict[str, Any] | None = None  # --budget: its name, and what ran out (budget_oom)
+
+    def as_report(self) -> dict[str, Any]:
+        """The report's "sandbox" object (and the registry's sandbox.* lines)."""
+        found: dict[str, Any] = {}
+        if self.cgroup_mode is not None:
+            found = {"cgroups": dict(self.cgroups), "cgroup_mode": self.cgroup_mode}
+        if self.unit is not None:
+            found.update(unit=self.unit, slice=self.slice)
+        if self.enforcement is not None:
+            found = {"address_space_bytes": self.address_space_bytes, **self.enforcement}
+        if self.budget is not None:
+            found["budget"] = self.budget
+        return found
+
+
 class Usage(Frozen):
     """What the sandbox measured. None where this backend or kernel cannot tell."""
 
@@ -64,9 +97,10 @@ class RunResult(Frozen, kw_only=True):
     usage: Usage
     limits: Limits
     attempts: int = 1
-    sandbox: dict[str, Any]
+    sandbox: Placement
     killed_after_grace: bool = False
     detail: str | None = None
+    cleanup_error: str | None = None  # removing the sandbox failed after the command ended
 
 
 class Attempt(Frozen, kw_only=True):
@@ -151,7 +185,7 @@ def message(
             f"(peak {peak}); raise --mem or make it use less"
         )
     if result.reason == Reason.BUDGET_OOM:
-        return _budget_oom_line(result.sandbox.get("budget"))
+        return _budget_oom_line(result.sandbox.budget)
     if result.reason == Reason.PIDS:
         ended = (
             f"exited {result.child_exit_code}"

@@ -47,8 +47,7 @@ def check(environ: Mapping[str, str]) -> tuple[Check, dict[str, dict[str, bool]]
     try:
         described = backend.describe()
         not_enforced = list(backend.not_enforced)
-        cgroups = described.get("cgroups")
-        dirs = [p for p in cgroups.values() if isinstance(p, str)] if cgroups else []
+        dirs = list(described.cgroups.values())
         probed = {d: v2_files(d) for d in dirs}  # now: remove() below deletes them
     finally:
         backend.remove()
@@ -64,7 +63,7 @@ def check(environ: Mapping[str, str]) -> tuple[Check, dict[str, dict[str, bool]]
         "chosen": backend.name,
         "refused": refused,
         "not_enforced": not_enforced,
-        "sandbox": described,
+        "sandbox": described.as_report(),
     }
     if "memory" in not_enforced:
         return Check("backend", "error", summary, "see the cgroups fixes above", details), probed

@@ -18,14 +18,12 @@ import stat
 import time
 from typing import Any
 
-from sandbox.cgroups import cgroupfs
+from sandbox.cgroups import cgroupfs, tree, v1
 from sandbox.cgroups.enclosing import enclosing_memory_limit
 from sandbox.core import identity, procfs
 from sandbox.core.errors import UsageError
 from sandbox.core.limits import format_size, smaller
 from sandbox.registry import store as registry
-
-_V1_UNLIMITED = 1 << 60
 
 
 # -- list -------------------------------------------------------------------------------------
@@ -172,7 +170,7 @@ def _memory(path: str) -> tuple[int | None, int | None, int | None]:
     else:
         names = ("memory.usage_in_bytes", "memory.max_usage_in_bytes", "memory.limit_in_bytes")
     now, peak, limit = (cgroupfs.read_int(f"{path}/{name}") for name in names)
-    if limit is not None and limit >= _V1_UNLIMITED:
+    if limit is not None and limit >= v1.UNLIMITED:
         limit = None
     return now, peak, limit
 
@@ -360,16 +358,13 @@ def parent_dirs(parent: str, hierarchies: list[cgroupfs.Hierarchy] | None = None
     path relative to each cgroup mount wherever it exists (where a run's --parent puts them)."""
     if hierarchies is None:
         hierarchies = cgroupfs.discover(read_controllers=False)
-    relative: str | None = parent.strip()
     found = []
     if parent.startswith("/"):
         found = [os.path.normpath(parent)] if os.path.isdir(parent) else []
-        mounts = sorted({h.mount for h in hierarchies}, key=len, reverse=True)
-        mount = next((m for m in mounts if parent.startswith(m.rstrip("/") + "/")), None)
-        relative = parent[len(mount) :] if mount else None
-    if relative is not None and relative.strip("/") and ".." not in relative.split("/"):
+    relative = cgroupfs.below_mounts(parent, [h.mount for h in hierarchies])
+    if relative:
         for hierarchy in hierarchies:
-            candidate = os.path.normpath(f"{hierarchy.mount}/{relative.strip('/')}")
+            candidate = os.path.normpath(f"{hierarchy.mount}/{relative}")
             if os.path.isdir(candidate) and candidate not in found:
                 found.append(candidate)
     if not found:
@@ -411,7 +406,7 @@ def _remove_cgroup(path: str, done: Collection, dry_run: bool) -> bool:
         return False
     if not dry_run:
         try:
-            cgroupfs.remove_tree(path, timeout_s=0.5)
+            tree.remove(path, timeout_s=0.5)
         except OSError as err:
             done.kept.append(f"{path}: {err.strerror}")
             return False

@@ -122,7 +122,7 @@ def _format(backend: Backend, argv: list[str], limits: Limits) -> str:
         _line("pids", limits.pids),
         _line("timeout_s", limits.timeout_s),
     ]
-    for key, value in backend.describe().items():
+    for key, value in backend.describe().as_report().items():
         if isinstance(value, dict):
             lines += [_line(f"sandbox.{key}.{k}", v) for k, v in value.items() if v is not None]
         elif isinstance(value, (str, int, float)):

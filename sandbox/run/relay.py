@@ -149,6 +149,10 @@ class Relay:
         for fd in (1, 2):
             try:
                 st = os.fstat(fd)
+                # Close-on-exec: closed when we started, held by cli.py's /dev/null placeholder
+                # (an fd inherited from our caller cannot be close-on-exec: it came through exec).
+                if not os.get_inheritable(fd):
+                    continue
             except OSError:
                 continue  # closed: the command gets it closed too
             identities[fd] = (st.st_dev, st.st_ino)

@@ -4,10 +4,12 @@
     supervise   poll a signalfd (SIGCHLD + forwarded signals) and the backend's fds, with
                 deadlines on time.monotonic(): timeout -> SIGTERM to all -> grace -> SIGKILL
     tear down   one `finally`, fixed order: kill what is left -> reap -> measure -> remove the
-                sandbox -> release the guardian
+                sandbox -> release the guardian -> close the signalfd. A failure to remove or
+                a guardian that died is the result's cleanup_error, never the command's status.
 
-A guardian process, forked before the child, kills and removes the sandbox if the launcher
-itself dies (even by SIGKILL): it waits on a pipe whose write end only the launcher holds.
+A guardian process, forked before the child, cleans up (backend.guardian_cleanup) if the
+launcher itself dies (even by SIGKILL): it waits on a pipe whose write end only the launcher
+holds.
 """
 
 from __future__ import annotations
@@ -101,20 +103,18 @@ class Guardian:
             try:
                 for fd in [self._write_end, *(close or ())]:
                     os.close(fd)
-                os.setsid()  # out of the terminal's process group: ^C and ^Z are not for us
-                null = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):  # never hold the caller's pipes open
-                    os.dup2(null, fd)
+                linux.detach_from_caller()
                 # Polling for no event still returns on POLLHUP (all write ends closed), but a
                 # write does not wake us: release() costs the launcher no context switch.
                 poller = select.poll()
                 poller.register(read_end, 0)
                 poller.poll()
                 if os.read(read_end, 1) != b"d":
-                    backend.kill_all()
-                    backend.remove()
-                    if entry is not None:
-                        registry.discard(entry.path)
+                    try:
+                        backend.guardian_cleanup()
+                    finally:
+                        if entry is not None:
+                            registry.discard(entry.path)
                 # What dead launchers left in the registry: after our launcher is gone, so it
                 # costs no run any time (that gc's cgroups is part of backend.remove()).
                 registry.sweep_beside(entry)
@@ -122,15 +122,25 @@ class Guardian:
                 os._exit(0)
         os.close(read_end)
 
-    def release(self) -> None:
+    def release(self) -> str | None:
         """The launcher cleaned up itself: the guardian may go when the launcher exits.
+        Returns what went wrong, if the guardian died before (killed from inside the sandbox:
+        the pipe has no reader, EPIPE).
 
         Only a byte in the pipe, which wakes nobody: waking the guardian now, to exit, would
         let it (and on a busy host, others) take the CPU before we report. The write end stays
         open (close-on-exec, so no command holds it) until we exit; then it reads the byte and
         exits, and init (or the nearest subreaper) reaps it.
         """
-        os.write(self._write_end, b"d")
+        problem = None
+        try:
+            os.write(self._write_end, b"d")
+        except BrokenPipeError:
+            problem = (
+                f"the guardian (pid {self.pid}) died during the run, so nothing would have "
+                "cleaned up had the launcher died too (was it killed from inside the sandbox?)"
+            )
+        return problem
 
 
 def spawn(
@@ -210,10 +220,24 @@ def run(
     `relay` (only for runs that may be retried) copies the command's output; its fds are served
     by the poll loop below, so timeouts and signals stay on time however the output is read.
     """
-    start = time.monotonic()
-    times_before = os.times()
     child_mask = block_signals()
     sfd = linux.signalfd(HANDLED)
+    try:
+        return _run(argv, limits, backend, relay, sfd, child_mask)
+    finally:
+        os.close(sfd)
+
+
+def _run(
+    argv: list[str],
+    limits: Limits,
+    backend: Backend,
+    relay: Relay | None,
+    sfd: int,
+    child_mask: set[int],
+) -> RunResult:
+    start = time.monotonic()
+    times_before = os.times()
     guardian: Guardian | None = None
     status: int | None = None
     ended_by: str | None = None
@@ -228,36 +252,18 @@ def run(
         try:
             pid = spawn(argv, backend, child_mask, limits.protected)
         except ExecFailed as err:
-            code = EXIT_NOT_FOUND if err.errno in (2, 20) else EXIT_NOT_EXECUTABLE
-            failure = RunResult(
-                reason=Reason.NOT_FOUND if code == EXIT_NOT_FOUND else Reason.NOT_EXECUTABLE,
-                exit_code=code,
-                wall_s=time.monotonic() - start,
-                usage=Usage(),
-                limits=limits,
-                sandbox=backend.describe(),
-                detail=f"cannot run {argv[0]!r}: {err}",
+            failure = _not_started(argv, err, backend, limits, start)
+        else:
+            status, ended_by, killed_after_grace = _supervise(
+                pid, sfd, backend, limits, start, relay, entry
             )
-            return failure
-        status, ended_by, killed_after_grace = _supervise(
-            pid, sfd, backend, limits, start, relay, entry
-        )
     finally:
-        usage = _tear_down(backend, guardian, status is not None or failure is not None, entry)
-        if status is not None and ended_by is None:
-            ended_by = usage[1]
-        os.close(sfd)
-    measured = usage[0]
-    if measured.cpu_s is None:  # no cgroup cpu.stat: we reap every descendant (subreaper)
-        after = os.times()
-        cpu = (after.children_user - times_before.children_user) + (
-            after.children_system - times_before.children_system
-        )
-        measured = Usage(
-            measured.peak_memory_bytes, measured.oom_kills, measured.pids_limit_hits, cpu
-        )
+        torn = _tear_down(backend, guardian, status is not None or failure is not None, entry)
+    if failure is not None:
+        return _with_cleanup_error(failure, torn.problems)
     assert status is not None
-    reason, code, child_code, signo = classify(status, ended_by, measured, limits)
+    measured = _with_cpu(torn.usage, times_before)
+    reason, code, child_code, signo = classify(status, ended_by or torn.reason, measured, limits)
     return RunResult(
         reason=reason,
         exit_code=code,
@@ -268,7 +274,40 @@ def run(
         limits=limits,
         sandbox=backend.describe(),
         killed_after_grace=killed_after_grace,
+        cleanup_error="; ".join(torn.problems) or None,
     )
+
+
+def _not_started(
+    argv: list[str], err: ExecFailed, backend: Backend, limits: Limits, start: float
+) -> RunResult:
+    code = EXIT_NOT_FOUND if err.errno in (2, 20) else EXIT_NOT_EXECUTABLE
+    return RunResult(
+        reason=Reason.NOT_FOUND if code == EXIT_NOT_FOUND else Reason.NOT_EXECUTABLE,
+        exit_code=code,
+        wall_s=time.monotonic() - start,
+        usage=Usage(),
+        limits=limits,
+        sandbox=backend.describe(),
+        detail=f"cannot run {argv[0]!r}: {err}",
+    )
+
+
+def _with_cpu(measured: Usage, times_before: os.times_result) -> Usage:
+    """Without a cgroup's cpu.stat: the rusage of every descendant we reaped (a subreaper)."""
+    if measured.cpu_s is not None:
+        return measured
+    after = os.times()
+    cpu = (after.children_user - times_before.children_user) + (
+        after.children_system - times_before.children_system
+    )
+    return Usage(measured.peak_memory_bytes, measured.oom_kills, measured.pids_limit_hits, cpu)
+
+
+def _with_cleanup_error(result: RunResult, problems: list[str]) -> RunResult:
+    if not problems:
+        return result
+    return RunResult(**{**result.as_dict(), "cleanup_error": "; ".join(problems)})
 
 
 def _supervise(
@@ -331,11 +370,12 @@ def _supervise(
                     status = _reap(pid) if status is None else status
                 elif status is None and not _terminal_already_sent(code, pid):
                     os.kill(pid, signo)
-        if check and ended_by is None and (reason := backend.check()):
+        if check and (reason := backend.check()) and ended_by is None:
             ended_by = reason
             backend.kill_all()
-        if check and backend.tick_s:  # from the end of this check, at the interval it chose
-            next_tick = time.monotonic() + backend.tick_s
+        if check:  # the backend may want the next look sooner, later, or only on a wake-up
+            tick = backend.tick_s
+            next_tick = time.monotonic() + tick if tick else None
     return status, ended_by, killed_after_grace
 
 
@@ -373,11 +413,20 @@ def _reap(main: int) -> int | None:
             found = status
 
 
+class _TornDown:
+    def __init__(self, usage: Usage, reason: str | None, problems: list[str]) -> None:
+        self.usage = usage
+        self.reason = reason  # the backend's last word on why it ended (an OOM), if it ran
+        self.problems = problems  # clean-up failures: reported, never the command's status
+
+
 def _tear_down(
     backend: Backend, guardian: Guardian | None, ran: bool, entry: registry.Entry | None
-) -> tuple[Usage, str | None]:
+) -> _TornDown:
     """Kill what is left, reap, measure, remove the sandbox and its registry entry, release the
-    guardian. In that order."""
+    guardian. In that order. A kill that fails raises (nothing could be measured); a removal
+    that fails, or a guardian found dead, is one of the returned problems."""
+    problems: list[str] = []
     try:
         backend.kill_all()
         _reap(-1)
@@ -386,10 +435,12 @@ def _tear_down(
     finally:
         try:
             backend.remove()
+        except SandboxError as err:
+            problems.append(err.line())
         finally:
             if entry is not None:  # the guardian sweeps the others, after we exit
                 registry.discard(entry.path)
                 os.close(entry.fd)
-            if guardian is not None:
-                guardian.release()
-    return usage, reason
+            if guardian is not None and (problem := guardian.release()):
+                problems.append(problem)
+    return _TornDown(usage, reason, problems)

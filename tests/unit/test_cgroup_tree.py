@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.backends.cgroup import LEAF, CgroupBackend, _enable_controllers
+from sandbox.backends.cgroup import CgroupBackend
 from sandbox.cgroups import cgroupfs
 from sandbox.cgroups.cgroupfs import Hierarchy, discover
+from sandbox.cgroups.v2 import LEAF
+from sandbox.cgroups.v2 import sandbox_parent as _enable_controllers
 from sandbox.core import identity
 from sandbox.core.errors import BackendUnavailable
 from sandbox.core.limits import Limits
@@ -143,7 +145,7 @@ def test_v2_backend_on_an_old_kernel(tmp_path: Path) -> None:
     hierarchy = Hierarchy(2, str(tmp_path), frozenset({"memory", "pids"}), str(own))
     backend = CgroupBackend([hierarchy])
     backend.prepare(Limits(100 << 20, 64), ["true"])
-    (sandbox,) = backend.dirs
+    sandbox = backend.describe().cgroups["unified"]
     assert Path(sandbox, "memory.max").read_text() == str(100 << 20)
     assert Path(sandbox, "memory.swap.max").exists() is False  # only written where it exists
     assert Path(sandbox, "pids.max").read_text() == "64"

@@ -6,7 +6,7 @@ import os
 import signal
 
 from sandbox.core.limits import Limits
-from sandbox.core.result import Reason, RunResult, Usage, classify, message
+from sandbox.core.result import Placement, Reason, RunResult, Usage, classify, message
 
 LIMITS = Limits(1 << 30, 100, 5.0)
 
@@ -67,7 +67,7 @@ def test_oom_line_gives_limit_and_peak() -> None:
         wall_s=1.0,
         usage=Usage(peak_memory_bytes=1 << 30),
         limits=LIMITS,
-        sandbox={},
+        sandbox=Placement(),
     )
     line = message(result)
     assert line is not None and "1.0 GiB limit" in line and "peak 1.0 GiB" in line
@@ -75,6 +75,11 @@ def test_oom_line_gives_limit_and_peak() -> None:
 
 def test_no_line_for_a_normal_exit() -> None:
     result = RunResult(
-        reason=Reason.EXITED, exit_code=0, wall_s=1.0, usage=Usage(), limits=LIMITS, sandbox={}
+        reason=Reason.EXITED,
+        exit_code=0,
+        wall_s=1.0,
+        usage=Usage(),
+        limits=LIMITS,
+        sandbox=Placement(),
     )
     assert message(result) is None

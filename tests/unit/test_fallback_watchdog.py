@@ -7,11 +7,13 @@ once, not N times, before the tree is killed. Between PSS reads an upper bound s
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import pytest
 
 from fallback import handoff, proctree, watchdog
 from fallback.watchdog import Watchdog
-from sandbox.core import procfs
+from sandbox.core import linux, procfs
 
 LAUNCHER, GUARDIAN = 100, 101
 M = 1 << 20
@@ -44,9 +46,9 @@ class FakeProc:
         monkeypatch.setattr(procfs, "stat", self.stat)
         monkeypatch.setattr(proctree, "footprint", self.footprint)
         monkeypatch.setattr(proctree, "proportional", self.proportional)
-        monkeypatch.setattr(proctree, "signal", self.signal)
+        monkeypatch.setattr(linux, "kill_each", self.signal)
 
-    def signal(self, pids: set[int], signo: int) -> None:
+    def signal(self, pids: Collection[int], signo: int) -> None:
         self.signals.append((signo, set(pids)))
 
     def stat(self, pid: int) -> procfs.ProcInfo | None:

@@ -14,6 +14,7 @@ from sandbox.cgroups.cgroupfs import Hierarchy
 from sandbox.cgroups.enclosing import enclosing_memory_limit, for_sandbox
 from sandbox.core.errors import SandboxError, UsageError
 from sandbox.core.limits import Limits
+from sandbox.core.result import Placement
 from sandbox.options import parse_run
 from sandbox.registry import inventory
 from sandbox.registry import store as registry
@@ -25,7 +26,10 @@ class FakeBackend:
     def __init__(self, describe: dict[str, object]) -> None:
         self._describe = describe
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> FakeBackend:  # stands in for a Placement: only its report is read
+        return self
+
+    def as_report(self) -> dict[str, object]:
         return self._describe
 
 
@@ -197,7 +201,7 @@ def test_enclosing_limit_of_a_sandbox_starts_above_its_own_cgroup(tmp_path: Path
             "ctr/aero-sandbox-1-abc/memory.max": str(8 << 30),
         },
     )
-    sandbox = {"cgroups": {"memory": str(tmp_path / "ctr/aero-sandbox-1-abc")}}
+    sandbox = Placement(cgroups={"memory": str(tmp_path / "ctr/aero-sandbox-1-abc")})
     assert for_sandbox(sandbox) == (2 << 30, str(tmp_path / "ctr"))
 
 

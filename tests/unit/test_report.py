@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sandbox import report
 from sandbox.core.limits import Limits
-from sandbox.core.result import Attempt, RunResult, Usage
+from sandbox.core.result import Attempt, Placement, RunResult, Usage
 from sandbox.options import parse_run
 from tests.conftest import ROOT, read_report, run_launcher
 
@@ -52,7 +52,7 @@ def test_report_built_from_a_result_matches_the_readme_table() -> None:
         wall_s=0.5,
         usage=Usage(peak_memory_bytes=1 << 20, cpu_s=0.1),
         limits=Limits(memory_bytes=1 << 30, pids=64),
-        sandbox={"cgroups": {"memory": "/sys/fs/cgroup/x"}, "cgroup_mode": "v2"},
+        sandbox=Placement(cgroups={"memory": "/sys/fs/cgroup/x"}, cgroup_mode="v2"),
     )
     choice = {"requested": "auto", "chosen": "cgroup", "refused": {"systemd": "why"}}
     attempt = Attempt(

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from sandbox.backends.systemd import (
+from sandbox.backends.systemd.properties import (
     DESCRIPTION_CHARS,
     HOLDER_TASKS,
     RUNTIME_MARGIN_S,
@@ -127,17 +124,3 @@ def test_encoding_with_pystemd() -> None:
     closed = sum(1 for kind, _ in args if kind == -1)
     assert opened == closed
     assert (ord("u"), 2) in args
-
-
-def test_pystemd_loads_without_its_object_api() -> None:
-    """Only pystemd.dbuslib is loaded: its package __init__ pulls in lxml (start-up time)."""
-    pytest.importorskip("pystemd.dbuslib")
-    code = (
-        "import sys\n"
-        "from sandbox.backends.systemd import import_dbuslib\n"
-        "dbuslib, errors = import_dbuslib()\n"
-        "assert dbuslib.apply_signature(b'au', [[1]])\n"
-        "assert 'lxml.etree' not in sys.modules and 'pystemd.systemd1' not in sys.modules\n"
-    )
-    root = Path(__file__).resolve().parents[2]  # this checkout's sandbox/, not an installed one
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=root)

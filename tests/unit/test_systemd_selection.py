@@ -11,6 +11,7 @@ import pytest
 
 from sandbox.backends import selection
 from sandbox.backends import systemd as systemd_backend
+from sandbox.backends.systemd import scope
 from sandbox.cgroups import cgroupfs
 from sandbox.core.errors import BackendUnavailable, UsageError
 from sandbox.core.limits import Limits
@@ -26,8 +27,8 @@ def systemd_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     own = tmp_path / "own-cgroup"
     own.write_text("0::/user.slice/user-1000.slice/session-2.scope\n")
     monkeypatch.setattr(selection, "systemd_running", lambda: True)
-    monkeypatch.setattr(systemd_backend, "CGROUP_ROOT", str(tmp_path))
-    monkeypatch.setattr(systemd_backend, "OWN_CGROUP", str(own))
+    monkeypatch.setattr(scope, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(scope, "OWN_CGROUP", str(own))
     return tmp_path
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 
-from sandbox.cgroups import cgroupfs
+from sandbox.cgroups import cgroupfs, pressure
 from sandbox.cgroups.cgroupfs import Hierarchy
 from sandbox.core import identity
 from sandbox.core.errors import BackendUnavailable, SandboxError, UsageError
@@ -55,6 +55,7 @@ class CgroupBackend:
         self.v2: str | None = None  # our v2 directory, for cgroup.kill/cgroup.events/cpu.stat
         self._oom_fds: tuple[int, int] | None = None  # v1: (eventfd, memory.oom_control fd)
         self._parents: set[str] = set()
+        self._pressure: pressure.PressureWatch | None = None
 
     # -- prepare ------------------------------------------------------------------------------
     def prepare(self, limits: Limits, argv: list[str]) -> None:
@@ -93,6 +94,8 @@ class CgroupBackend:
             }
             self.memory, self.pids = placed.get("memory"), placed.get("pids")
             self._set_limits(limits)
+            self._pressure = pressure.watch(self.v2, limits)  # PSI: v2 and hybrid hosts
+            self.tick_s = self._pressure.tick_s if self._pressure else None
         except BaseException:
             self.remove()
             raise
@@ -148,11 +151,14 @@ class CgroupBackend:
         pass
 
     def watch_fds(self) -> list[int]:
-        return [self._oom_fds[0]] if self._oom_fds else []
+        fds = [self._oom_fds[0]] if self._oom_fds else []
+        return fds + ([self._pressure.fd] if self._pressure and self._pressure.fd else [])
 
     def check(self) -> str | None:
         if self.memory is None:
             return None
+        if self._pressure is not None and self._pressure.check():
+            return Reason.OOM
         path, version = self.memory
         if version == 1:
             if self._oom_fds is None:
@@ -195,9 +201,12 @@ class CgroupBackend:
         if self.v2 is not None:
             usec = cgroupfs.read_keyed(self.v2 + "/cpu.stat").get("usage_usec")
             cpu = None if usec is None else usec / 1e6
-        return Usage(peak_memory_bytes=peak, oom_kills=oom_kills, pids_limit_hits=hits, cpu_s=cpu)
+        stall = self._pressure.fired if self._pressure else None
+        return Usage(peak, oom_kills, hits, cpu, stall)
 
     def remove(self) -> None:
+        if self._pressure is not None:
+            self._pressure.close()
         if self._oom_fds is not None:
             for fd in self._oom_fds:
                 os.close(fd)

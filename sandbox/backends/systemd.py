@@ -30,7 +30,7 @@ import os
 import select
 import time
 
-from sandbox.cgroups import cgroupfs
+from sandbox.cgroups import cgroupfs, pressure
 from sandbox.core import identity, linux
 from sandbox.core.errors import BackendUnavailable, SandboxError
 from sandbox.core.limits import Limits, format_size
@@ -153,6 +153,7 @@ class SystemdBackend:
         self._holder_fd: int | None = None  # a pidfd: kill the holder, never a reused pid
         self._owner = os.getpid()  # the launcher; any other pid running our methods is its guardian
         self._removed = False
+        self._pressure: pressure.PressureWatch | None = None
 
     # -- prepare ------------------------------------------------------------------------------
     def prepare(self, limits: Limits, argv: list[str]) -> None:
@@ -249,6 +250,8 @@ class SystemdBackend:
         self.scope = CGROUP_ROOT + path
         self.command = self._arrange(pid)
         self._check_limits()
+        self._pressure = pressure.watch(self.command, self._limits)
+        self.tick_s = self._pressure.tick_s if self._pressure else None
         assert self._release is not None
         os.write(self._release[1], b"g")
         self._close_release()
@@ -309,11 +312,15 @@ class SystemdBackend:
                 )
 
     def watch_fds(self) -> list[int]:
-        return []  # memory.oom.group kills the whole command: the main child's exit wakes us
+        # memory.oom.group kills the whole command: the main child's exit wakes us; the
+        # memory-pressure trigger is all we watch.
+        return [self._pressure.fd] if self._pressure and self._pressure.fd else []
 
     def check(self) -> str | None:
         if self.command is None:
             return None
+        if self._pressure is not None and self._pressure.check():
+            return Reason.OOM
         # .local (Linux 5.2+): a kill in a sandbox nested in ours, under its own smaller limit,
         # counts there, not here. Under our limit the kernel kills `command` as a group.
         events = cgroupfs.read_keyed(self.command + "/memory.events.local") or cgroupfs.read_keyed(
@@ -355,6 +362,7 @@ class SystemdBackend:
             oom_kills=events.get("oom_kill"),
             pids_limit_hits=max(known) if known else None,
             cpu_s=None if usec is None else usec / 1e6,
+            memory_pressure=self._pressure.fired if self._pressure else None,
         )
 
     # -- tear down ----------------------------------------------------------------------------
@@ -365,6 +373,8 @@ class SystemdBackend:
             return
         self._removed = True
         self._close_release()
+        if self._pressure is not None:
+            self._pressure.close()
         if self._child is None and not self._in_guardian():
             self._close_bus()  # no scope was ever asked for
             return

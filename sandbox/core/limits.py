@@ -17,6 +17,9 @@ DEFAULT_MEMORY = "12G"
 # bomb at an eighth of the default pid_max (32768) and a fraction of threads-max.
 DEFAULT_PIDS = 4096
 DEFAULT_KILL_AFTER_S = 10.0
+# End a sandbox whose tasks were all stalled on memory (PSI "full") this share of this window:
+# see sandbox/cgroups/pressure.py and docs/pressure.md for the measurements behind it.
+DEFAULT_OOM_PRESSURE = "50%/10s"
 
 _UNLIMITED = ("unlimited", "infinity", "max")
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -27,17 +30,29 @@ SIZE_FORMS = (
 )
 DURATION_FORMS = "seconds (90, 2.5) or s/m/h units combined (1.5m, 10m, 1h30m); 0 means none"
 PIDS_FORMS = "a positive whole number of tasks, or unlimited"
+PRESSURE_FORMS = "PERCENT/DURATION (50%/10s, 80%/1m; 1-99%, at least 1s), or off"
 
 
 class Limits(Frozen):
-    """None means no limit. `kill_after_s` is the grace between SIGTERM and SIGKILL."""
+    """None means no limit. `kill_after_s` is the grace between SIGTERM and SIGKILL.
+    `oom_pressure_pct` over `oom_pressure_window_s`: the memory-pressure kill (None: off)."""
 
-    __slots__ = ("memory_bytes", "pids", "timeout_s", "kill_after_s", "address_space_bytes")
+    __slots__ = (
+        "memory_bytes",
+        "pids",
+        "timeout_s",
+        "kill_after_s",
+        "address_space_bytes",
+        "oom_pressure_pct",
+        "oom_pressure_window_s",
+    )
     memory_bytes: int | None
     pids: int | None
     timeout_s: float | None
     kill_after_s: float
     address_space_bytes: int | None
+    oom_pressure_pct: float | None
+    oom_pressure_window_s: float
 
     def __init__(
         self,
@@ -46,6 +61,8 @@ class Limits(Frozen):
         timeout_s: float | None = None,
         kill_after_s: float = DEFAULT_KILL_AFTER_S,
         address_space_bytes: int | None = None,
+        oom_pressure_pct: float | None = None,
+        oom_pressure_window_s: float = 10.0,
     ) -> None:
         self._init(
             memory_bytes=memory_bytes,
@@ -53,6 +70,8 @@ class Limits(Frozen):
             timeout_s=timeout_s,
             kill_after_s=kill_after_s,
             address_space_bytes=address_space_bytes,
+            oom_pressure_pct=oom_pressure_pct,
+            oom_pressure_window_s=oom_pressure_window_s,
         )
 
 
@@ -129,6 +148,22 @@ def parse_pids(text: str, what: str = "--pids") -> int | None:
     if not raw.isdigit() or int(raw) <= 0:
         raise UsageError(f"invalid {what} value {text!r}: expected {PIDS_FORMS}")
     return int(raw)
+
+
+def parse_pressure(text: str, what: str = "--oom-pressure") -> tuple[float | None, float]:
+    """(percent, window seconds); percent None for off."""
+    raw = text.strip().lower()
+    if raw in ("off", "none", "0"):
+        return None, 10.0
+    share, slash, window = raw.partition("/")
+    error = UsageError(f"invalid {what} value {text!r}: expected {PRESSURE_FORMS}")
+    pct = _number(share.removesuffix("%"))
+    if not slash or pct is None or not 1 <= pct <= 99:
+        raise error
+    seconds = parse_duration(window, what) if window.strip() else None
+    if seconds is None or seconds < 1:
+        raise error
+    return pct, seconds
 
 
 def format_size(value: int | None) -> str:

@@ -42,14 +42,40 @@ EXIT_OOM = 137
 EXIT_MISSING_OUTPUT = 123
 
 
-class Usage(Frozen):
-    """What the sandbox measured. None where this backend or kernel cannot tell."""
+class Pressure(Frozen):
+    """Why a sandbox was ended for memory pressure (sandbox/cgroups/pressure.py): every task of
+    it was stalled on memory `stall_pct` of the last `over_s` seconds (at least `window_s`),
+    at or above `threshold_pct`."""
 
-    __slots__ = ("peak_memory_bytes", "oom_kills", "pids_limit_hits", "cpu_s")
+    __slots__ = ("stall_pct", "over_s", "threshold_pct", "window_s")
+    stall_pct: float
+    over_s: float
+    threshold_pct: float
+    window_s: float
+
+    def __init__(
+        self, stall_pct: float, over_s: float, threshold_pct: float, window_s: float
+    ) -> None:
+        self._init(
+            stall_pct=stall_pct, over_s=over_s, threshold_pct=threshold_pct, window_s=window_s
+        )
+
+
+class Usage(Frozen):
+    """What the sandbox measured. None where this backend or kernel cannot tell.
+
+    `peak_memory_bytes` counts what the memory limit counts: on a cgroup, the page cache the
+    sandbox's reads and writes brought in too (a cargo build peaks at 531 MiB on v1 where its
+    processes' resident memory peaks at 324 MiB); under the rlimit backend's watchdog, the
+    tree's resident memory. `memory_pressure` is set when the pressure watch ended the run.
+    """
+
+    __slots__ = ("peak_memory_bytes", "oom_kills", "pids_limit_hits", "cpu_s", "memory_pressure")
     peak_memory_bytes: int | None
     oom_kills: int | None
     pids_limit_hits: int | None
     cpu_s: float | None
+    memory_pressure: Pressure | None
 
     def __init__(
         self,
@@ -57,12 +83,14 @@ class Usage(Frozen):
         oom_kills: int | None = None,
         pids_limit_hits: int | None = None,
         cpu_s: float | None = None,
+        memory_pressure: Pressure | None = None,
     ) -> None:
         self._init(
             peak_memory_bytes=peak_memory_bytes,
             oom_kills=oom_kills,
             pids_limit_hits=pids_limit_hits,
             cpu_s=cpu_s,
+            memory_pressure=memory_pressure,
         )
 
 
@@ -161,14 +189,23 @@ def message(result: RunResult) -> str | None:
     """The one stderr line for an abnormal ending, or None when there is nothing to say."""
     usage, limits = result.usage, result.limits
     if result.reason == Reason.TIMEOUT:
-        how = (
-            f"sent SIGTERM, then SIGKILL after {format_duration(limits.kill_after_s)}"
-            if result.killed_after_grace
-            else "sent SIGTERM"
-        )
+        if not limits.kill_after_s:  # --kill-after 0: no grace, SIGKILL at once
+            how = "sent SIGKILL at once (--kill-after 0)"
+        elif result.killed_after_grace:
+            how = f"sent SIGTERM, then SIGKILL after {format_duration(limits.kill_after_s)}"
+        else:
+            how = "sent SIGTERM"
         return f"timed out after {format_duration(limits.timeout_s)}; {how}"
     if result.reason == Reason.OOM:
         peak = format_size(usage.peak_memory_bytes) if usage.peak_memory_bytes else "unknown"
+        if (stall := usage.memory_pressure) is not None:
+            return (
+                f"killed for memory pressure: thrashing at its {format_size(limits.memory_bytes)} "
+                f"limit, every task stalled on memory {stall.stall_pct:g}% of the last "
+                f"{stall.over_s:g}s (threshold {stall.threshold_pct:g}% over "
+                f"{format_duration(stall.window_s)}; peak {peak}); raise --mem, or tune "
+                "--oom-pressure"
+            )
         return (
             f"killed for memory: the command reached its {format_size(limits.memory_bytes)} limit "
             f"(peak {peak}); raise --mem or make it use less"
@@ -208,6 +245,7 @@ def report(
         "peak_memory_bytes": usage.peak_memory_bytes,
         "oom_kills": usage.oom_kills,
         "pids_limit_hits": usage.pids_limit_hits,
+        "memory_pressure": usage.memory_pressure.as_dict() if usage.memory_pressure else None,
         "attempts": result.attempts,
         "killed_after_grace": result.killed_after_grace,
         "limits": result.limits.as_dict(),

@@ -232,9 +232,7 @@ def run(
         cpu = (after.children_user - times_before.children_user) + (
             after.children_system - times_before.children_system
         )
-        measured = Usage(
-            measured.peak_memory_bytes, measured.oom_kills, measured.pids_limit_hits, cpu
-        )
+        measured = Usage(**{**measured.as_dict(), "cpu_s": cpu})
     assert status is not None
     reason, code, child_code, signo = classify(status, ended_by, measured, limits)
     return RunResult(
@@ -258,7 +256,8 @@ def _supervise(
     poller.register(sfd, select.POLLIN)
     watched = backend.watch_fds()
     for fd in watched:
-        poller.register(fd, select.POLLIN)
+        # POLLPRI: a PSI trigger (memory pressure) signals with it; an eventfd with POLLIN.
+        poller.register(fd, select.POLLIN | select.POLLPRI)
     deadline = start + limits.timeout_s if limits.timeout_s else None
     kill_at: float | None = None
     next_tick = start + backend.tick_s if backend.tick_s else None
@@ -270,7 +269,8 @@ def _supervise(
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             deadline, ended_by = None, ended_by or Reason.TIMEOUT
-            backend.signal_all(_signal.SIGTERM)
+            if limits.kill_after_s:  # 0 means no grace: SIGKILL at once, no SIGTERM first
+                backend.signal_all(_signal.SIGTERM)
             kill_at = now + limits.kill_after_s
         if kill_at is not None and now >= kill_at:
             kill_at, killed_after_grace = None, True

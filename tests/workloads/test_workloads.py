@@ -3,6 +3,7 @@
 - At --mem 12G they run: Chromium (driven by playwright-core) renders a page that makes a
   4 GiB-maximum WebAssembly.Memory, esbuild-wasm bundles playwright-core, cargo builds a crate
   against Debian's vendored crates, offline.
+- sql.js (SQLite in WebAssembly) and Chromium over a tight limit end as 137/oom.
 - A page that spins forever under --timeout ends at the timeout and leaves no Chromium process.
 - Tight limits end as 137/oom within seconds, never at the timeout.
 - The old `prlimit --as=12G` cannot start Chromium at all: the contrast the README's demo makes.
@@ -13,6 +14,7 @@ Each run's figures go to $AERO_WORKLOADS_SUMMARY (one line each) for the stage's
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -119,16 +121,6 @@ def test_esbuild_wasm_bundles_at_12g(backend: str, mark: str, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sqljs_database_at_12g(backend: str, mark: str, tmp_path: Path) -> None:
-    command = ["node", str(HERE / "sqljs.js"), "256"]
-    code, out, err, data = sandboxed(
-        backend, ["--mem", "12G", "--timeout", "120"], command, mark, tmp_path
-    )
-    assert code == 0, (err, data)
-    assert out.strip() == f"sqlite rows 256 bytes {256 << 20}"
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_cargo_builds_offline_at_12g(
     backend: str, mark: str, tmp_path: Path, cargo_home: Path, crate: Path
 ) -> None:
@@ -147,7 +139,8 @@ def test_cargo_builds_offline_at_12g(
     )
     assert code == 0, (err, data)
     binary = crate / "target/debug/aero-workload"
-    assert binary.exists()
+    ran = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
+    assert ran.stdout == "rows 10000 sum 333283335000\n", ran
     assert data["reason"] == "exited"
 
 

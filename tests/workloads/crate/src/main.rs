@@ -1,11 +1,18 @@
-use rayon::prelude::*;
 use serde_json::{json, Value};
+use std::thread;
 
 fn main() {
-    let rows: Vec<Value> = (0..10_000u64)
-        .into_par_iter()
-        .map(|id| json!({ "id": id, "square": id * id }))
+    // Eight threads build their share of the rows: a multi-threaded program under --pids.
+    let workers: Vec<_> = (0..8u64)
+        .map(|part| {
+            thread::spawn(move || -> Vec<Value> {
+                (part * 1250..(part + 1) * 1250)
+                    .map(|id| json!({ "id": id, "square": id * id }))
+                    .collect()
+            })
+        })
         .collect();
+    let rows: Vec<Value> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
     let text = serde_json::to_string(&rows).unwrap();
     let back: Vec<Value> = serde_json::from_str(&text).unwrap();
     assert_eq!(rows, back);

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,33 +48,32 @@ def _psi_here() -> bool:
         return False
 
 
-def test_thrashing_at_the_limit_ends_as_oom_within_the_window(tmp_path: Path) -> None:
+def _thrash(tmp_path: Path, pressure: str, timeout: str) -> tuple[int, str, dict[str, Any]]:
     need(_psi_here(), "this kernel has no PSI (/proc/pressure/memory): no pressure watch")
     report = tmp_path / "r.json"
-    args = ["--mem", "150M", "--oom-pressure", "15%/3s", "--timeout", "120", "--report"]
+    args = ["--mem", "150M", "--oom-pressure", pressure, "--timeout", timeout, "--report"]
     args += [str(report), "--", PY, "-c", THRASH, str(tmp_path / "pages")]
-    proc = run_launcher(args, timeout=150)
-    data = read_report(report)
-    assert proc.returncode == 137, (proc.stderr, data)
+    proc = run_launcher(args, timeout=float(timeout) + 30)
+    return proc.returncode, proc.stderr, read_report(report)
+
+
+def test_thrashing_at_the_limit_ends_as_oom_within_the_window(tmp_path: Path) -> None:
+    code, stderr, data = _thrash(tmp_path, "15%/3s", "120")
+    assert code == 137, (stderr, data)
     assert data["reason"] == "oom" and data["exit_code"] == 137
     assert data["oom_kills"] in (0, None)  # not the kernel's doing
     stall = data["memory_pressure"]
     assert stall is not None and stall["stall_pct"] >= 15 and stall["over_s"] >= 3
     assert stall["threshold_pct"] == 15 and stall["window_s"] == 3
-    assert "killed for memory pressure" in proc.stderr and "% of the last" in proc.stderr
+    assert "killed for memory pressure" in stderr and "% of the last" in stderr
     # Ended within seconds of the window (the writing and the first stall take some), far
     # from the timeout.
     assert data["wall_s"] < 60, data["wall_s"]
 
 
 def test_the_pressure_watch_can_be_turned_off(tmp_path: Path) -> None:
-    need(_psi_here(), "this kernel has no PSI (/proc/pressure/memory): no pressure watch")
-    report = tmp_path / "r.json"
-    args = ["--mem", "150M", "--oom-pressure", "off", "--timeout", "12", "--report"]
-    args += [str(report), "--", PY, "-c", THRASH, str(tmp_path / "pages")]
-    proc = run_launcher(args, timeout=60)
-    data = read_report(report)
-    assert proc.returncode == 124, (proc.stderr, data)
+    code, stderr, data = _thrash(tmp_path, "off", "12")
+    assert code == 124, (stderr, data)
     assert data["memory_pressure"] is None and data["limits"]["oom_pressure_pct"] is None
 
 

@@ -12,8 +12,10 @@ the report's `memory_pressure` and on the stderr line.
 
 PSI is accounted per cgroup of the unified (v2) hierarchy, whether or not any controller is
 enabled there, so a hybrid host's controller-less v2 directory has it too. A PSI trigger
-(Linux 5.2+) wakes the supervisor, with POLLPRI, at most once per trigger window while the stall
-in that window exceeds the threshold: nothing is sampled while the sandbox runs well. Without
+(Linux 5.2+) wakes the supervisor at most once per trigger window while the stall in that window
+exceeds the threshold: nothing is sampled while the sandbox runs well. The trigger signals with
+POLLPRI and always reads as POLLIN, so the supervisor, which polls its fds for POLLIN, is given an
+epoll fd that holds the trigger for POLLPRI alone: readable only when the trigger fires. Without
 PSI (a v1-only host, a kernel booted with psi=0) there is no watch: `memory_pressure` stays null.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import time
 
 from sandbox.core.result import Pressure
@@ -41,7 +44,13 @@ class PressureWatch:
         self.file = directory + "/memory.pressure"
         self.threshold_pct = threshold_pct
         self.window_s = window_s
-        self.fd = _open_trigger(self.file, threshold_pct)
+        self._trigger = _open_trigger(self.file, threshold_pct)
+        self._epoll: select.epoll | None = None
+        self.fd: int | None = None  # for the supervisor's poll (POLLIN)
+        if self._trigger is not None:
+            self._epoll = select.epoll()  # close-on-exec
+            self._epoll.register(self._trigger, select.EPOLLPRI)
+            self.fd = self._epoll.fileno()
         # Where triggers are refused, the supervisor calls check() every second instead.
         self.tick_s = None if self.fd is not None else 1.0
         self.fired: Pressure | None = None
@@ -49,6 +58,8 @@ class PressureWatch:
 
     def check(self) -> bool:
         """True once the stall share over the last window reached the threshold (stays True)."""
+        if self._epoll is not None:
+            self._epoll.poll(0)  # take the trigger's event, so the fd reads idle again
         if self.fired is not None:
             return True
         total = read_full_total(self.file)
@@ -60,9 +71,12 @@ class PressureWatch:
         return self.fired is not None
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = self.fd = None
+        if self._trigger is not None:
+            os.close(self._trigger)
+            self._trigger = None
 
 
 def watch(directory: str | None, limits: Limits) -> PressureWatch | None:

@@ -256,8 +256,7 @@ def _supervise(
     poller.register(sfd, select.POLLIN)
     watched = backend.watch_fds()
     for fd in watched:
-        # POLLPRI: a PSI trigger (memory pressure) signals with it; an eventfd with POLLIN.
-        poller.register(fd, select.POLLIN | select.POLLPRI)
+        poller.register(fd, select.POLLIN)
     deadline = start + limits.timeout_s if limits.timeout_s else None
     kill_at: float | None = None
     next_tick = start + backend.tick_s if backend.tick_s else None

@@ -8,6 +8,7 @@ the kernel can always drop and read back, so the OOM killer never fires. Here a 
 
 from __future__ import annotations
 
+import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -97,3 +98,15 @@ def test_kill_after_zero_sends_sigkill_at_once(tmp_path: Path) -> None:
     assert proc.returncode == 124, proc.stderr
     assert "timed out after 1s; sent SIGKILL at once (--kill-after 0)" in proc.stderr
     assert not seen.exists()  # no SIGTERM first: 0 means no grace
+
+
+def test_the_watch_costs_no_cpu_while_the_sandbox_runs_well() -> None:
+    """The trigger always reads as POLLIN: polled for that directly, the launcher would spin
+    (it did: sql.js took 2.5x its CPU time). It sleeps until the trigger fires."""
+    need(_psi_here(), "this kernel has no PSI (/proc/pressure/memory): no pressure watch")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = run_launcher(["--mem", "1G", "--oom-pressure", "50%/10s", "--", "sleep", "3"])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert proc.returncode == 0, proc.stderr
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < 0.8, f"launcher and sleep used {cpu:.2f} s of CPU in a 3 s run"

@@ -4,7 +4,7 @@
             less often while it is still) and kills the whole tree over --mem (reason "oom",
             exit 137); per-process rlimits well above --mem (RLIMIT_AS, RLIMIT_DATA,
             fallback/address_space.py) are a backstop, and a process that reaches them ends
-            the run as an OOM too; so does a tree thrashing near --mem (AERO_OOM_PRESSURE)
+            the run as an OOM too; so does a tree thrashing near --mem (--oom-pressure's window)
     pids    the watchdog counts the tree's tasks and kills it over --pids (reason "pids", exit
             137); for users the kernel does not exempt (root is), RLIMIT_NPROC too (it counts
             all of the user's tasks, so it is set to what the user already runs plus --pids)
@@ -28,8 +28,8 @@ from fallback.address_space import backstop
 from fallback.handoff import Handoff
 from fallback.watchdog import INTERVAL_S, Watchdog
 from sandbox.core import identity, linux, procfs
-from sandbox.core.errors import BackendUnavailable, SandboxError, UsageError
-from sandbox.core.limits import Limits, parse_duration
+from sandbox.core.errors import BackendUnavailable, SandboxError
+from sandbox.core.limits import Limits
 from sandbox.core.result import Placement, Reason, Usage
 
 TYPE_CHECKING = False
@@ -43,10 +43,8 @@ else:
 MARKER = "AERO_SANDBOX_TREE"
 KILL_TIMEOUT_S = 3.0  # as a cgroup's kill: a task in uninterruptible sleep may need a moment
 GUARDIAN_STOP_S = 1.0  # of the 2 s promise: stopping what the guardian finds, then the kill
-# The thrash rule's window (fallback/watchdog.py): the rlimit side of the cgroup backends'
-# memory-pressure option; "off" disables it.
-PRESSURE_VARIABLE = "AERO_OOM_PRESSURE"
-PRESSURE_WINDOW_S = 10.0
+QUIET_ROUNDS = 5  # the guardian's marker scans that must find nothing new in a row ...
+QUIET_PAUSE_S = 0.01  # ... this far apart
 WATCHDOG_NICE_BOOST = 5
 
 
@@ -105,7 +103,12 @@ class RlimitBackend:
         except OSError:
             pass  # EACCES: not permitted; the watchdog then samples at the caller's priority
         self._watchdog = Watchdog(
-            self._launcher, limits.memory_bytes, limits.pids, backstops, _pressure_window()
+            self._launcher,
+            limits.memory_bytes,
+            limits.pids,
+            backstops,
+            # --oom-pressure's window (None: off); the watchdog has its own thrash rule
+            None if limits.oom_pressure_pct is None else limits.oom_pressure_window_s,
         )
         self._handoff = Handoff()
 
@@ -203,7 +206,10 @@ class RlimitBackend:
         time, and every process carrying our environment marker. Each round stops the roots and
         their descendants (a stopped process cannot fork) and scans for the marker again: a
         process caught between fork and exec, or forked by one not yet stopped, shows it only
-        in a later round. Rounds end when one finds nothing new.
+        in a later round. Rounds end after QUIET_ROUNDS in a row found nothing new, QUIET_PAUSE_S
+        apart: one empty round is not enough, since a process in the middle of execve() shows
+        no environment for a moment, and a shell killed by PDEATHSIG leaves children it was
+        still forking (2 in 40 launchers killed early left a daemon with one empty round).
         """
         roots: set[int] = set()
         for pid, start in self._handoff.read() if self._handoff is not None else []:
@@ -212,8 +218,9 @@ class RlimitBackend:
                 roots.add(pid)
         stopped: set[int] = set()
         deadline = time.monotonic() + GUARDIAN_STOP_S
+        quiet = 0
         try:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and quiet < QUIET_ROUNDS:
                 roots |= proctree.marked(MARKER, self._id)
                 roots.discard(os.getpid())
                 procs = proctree.table()
@@ -223,7 +230,10 @@ class RlimitBackend:
                     if procs[pid].state not in "ZX"
                 } - stopped
                 if not found:
-                    break
+                    quiet += 1
+                    time.sleep(QUIET_PAUSE_S)
+                    continue
+                quiet = 0
                 linux.kill_each(found, _signal.SIGSTOP)
                 stopped |= found
         finally:
@@ -289,17 +299,3 @@ def _caller_nice() -> int:
     if not _caller_priority:
         _caller_priority.append(os.getpriority(os.PRIO_PROCESS, 0))
     return _caller_priority[0]
-
-
-def _pressure_window() -> float | None:
-    """The thrash rule's window from AERO_OOM_PRESSURE: seconds (10 by default), or off."""
-    text = os.environ.get(PRESSURE_VARIABLE, "").strip()
-    if not text:
-        return PRESSURE_WINDOW_S
-    if text.lower() in ("off", "no", "false"):
-        return None
-    try:
-        return parse_duration(text, PRESSURE_VARIABLE)  # 0: off
-    except UsageError as err:
-        raise UsageError(f"{err.line()} or off") from None
-

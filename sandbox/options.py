@@ -17,11 +17,13 @@ from sandbox.core.limits import (
     AS_UNLIMITED,
     DEFAULT_KILL_AFTER_S,
     DEFAULT_MEMORY,
+    DEFAULT_OOM_PRESSURE,
     DEFAULT_PIDS,
     Limits,
     parse_duration,
     parse_grace,
     parse_pids,
+    parse_pressure,
     parse_size,
 )
 from sandbox.run import retry
@@ -70,6 +72,14 @@ OPTIONS = (
         "DURATION",
         "AERO_KILL_AFTER",
         f"grace between SIGTERM and SIGKILL on timeout [{DEFAULT_KILL_AFTER_S:g}s]",
+    ),
+    Option(
+        ("--oom-pressure",),
+        "oom_pressure",
+        "PCT/DURATION",
+        "AERO_OOM_PRESSURE",
+        "end a sandbox thrashing at --mem as an OOM (137) once all its tasks were stalled on "
+        f"memory this share of this window (PSI full); off disables [{DEFAULT_OOM_PRESSURE}]",
     ),
     Option(
         ("--as",),
@@ -255,6 +265,7 @@ def build_request(
     pids = parse_pids(*get("pids", str(DEFAULT_PIDS)))
     timeout = parse_duration(*get("timeout", "0"))
     kill_after = parse_grace(*get("kill_after", str(DEFAULT_KILL_AFTER_S)))
+    pressure_pct, pressure_window = parse_pressure(*get("oom_pressure", DEFAULT_OOM_PRESSURE))
     as_text = _value("address_space", values, environ)
     address_space = None if as_text is None else parse_size(*as_text) or AS_UNLIMITED
     protected = "protect" in flags or _env_flag(PROTECT_ENV, environ)
@@ -296,7 +307,9 @@ def build_request(
         )
     return RunRequest(
         argv,
-        Limits(mem, pids, timeout, kill_after, address_space, protected),
+        Limits(
+            mem, pids, timeout, kill_after, address_space, protected, pressure_pct, pressure_window
+        ),
         backend,
         report,
         verbosity,

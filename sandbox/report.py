@@ -50,6 +50,7 @@ def build(
         "peak_memory_bytes": usage.peak_memory_bytes,
         "oom_kills": usage.oom_kills,
         "pids_limit_hits": usage.pids_limit_hits,
+        "memory_pressure": usage.memory_pressure.as_dict() if usage.memory_pressure else None,
         "attempts": result.attempts,
         "killed_after_grace": result.killed_after_grace,
         # As requested, except the --as cap: the one the rlimit backend applied (null elsewhere).

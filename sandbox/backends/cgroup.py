@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 
-from sandbox.cgroups import cgroupfs, tree, v1, v2
+from sandbox.cgroups import cgroupfs, pressure, tree, v1, v2
 from sandbox.cgroups.cgroupfs import Hierarchy
 from sandbox.core import identity
 from sandbox.core.errors import BackendUnavailable, SandboxError, UsageError
@@ -57,17 +57,20 @@ class CgroupBackend:
         self.pids: tree.Cgroup | None = None
         self.v2: v2.Cgroup | None = None  # for cgroup.kill, cgroup.events and cpu.stat
         self._parents: set[str] = set()
+        self._pressure: pressure.PressureWatch | None = None  # --oom-pressure (PSI, v2 dir)
         self._removed = False
 
     @property
     def tick_s(self) -> float | None:
+        """The soonest any watch wants a look without a wake-up, or None."""
         if self.memory is None:
             return None
+        ticks = [self.memory.tick_s, self._pressure.tick_s if self._pressure else None]
         if self.budget is not None:
             # v1: the victim may be counted after the OOM wake-up (or a grandchild killed with
             # no wake-up of ours at all): look at the counters again every half second.
-            return min(0.5, self.memory.tick_s or 0.5)
-        return self.memory.tick_s
+            ticks.append(0.5)
+        return min((t for t in ticks if t), default=None)
 
     # -- prepare ------------------------------------------------------------------------------
     def prepare(self, limits: Limits, argv: list[str]) -> None:
@@ -103,6 +106,8 @@ class CgroupBackend:
                 self.memory.set_memory(limits.memory_bytes)
             if self.pids is not None and limits.pids is not None:
                 self.pids.set_pids(limits.pids)
+            # PSI is accounted in the v2 directory, with or without controllers (hybrid too).
+            self._pressure = pressure.watch(self.v2.path if self.v2 else None, limits)
         except BaseException:
             self.remove()
             raise
@@ -130,11 +135,14 @@ class CgroupBackend:
         pass
 
     def watch_fds(self) -> list[int]:
-        return [] if self.memory is None else self.memory.watch_fds()
+        fds = [] if self.memory is None else self.memory.watch_fds()
+        return fds + ([self._pressure.fd] if self._pressure and self._pressure.fd else [])
 
     def check(self) -> str | None:
         if self.memory is None:
             return None
+        if self._pressure is not None and self._pressure.check():
+            return Reason.OOM  # thrashing at the limit, which the OOM killer does not end
         hit = self.memory.oom_hit()  # also drains v1's wake-up
         if self.budget is not None:
             # Which limit ran out, ours (oom) or a budget level's (budget_oom): its counters say.
@@ -151,9 +159,15 @@ class CgroupBackend:
             cgroup.kill()
 
     def measure(self) -> Usage:
-        return tree.usage(self.memory, [self.pids] if self.pids else [], self.v2)
+        usage = tree.usage(self.memory, [self.pids] if self.pids else [], self.v2)
+        if self._pressure is None or self._pressure.fired is None:
+            return usage
+        return Usage(**{**usage.as_dict(), "memory_pressure": self._pressure.fired})
 
     def remove(self) -> None:
+        if self._pressure is not None:
+            self._pressure.close()
+            self._pressure = None
         if self._removed:
             return
         failed: OSError | None = None

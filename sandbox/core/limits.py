@@ -17,6 +17,9 @@ DEFAULT_MEMORY = "12G"
 # bomb at an eighth of the default pid_max (32768) and a fraction of threads-max.
 DEFAULT_PIDS = 4096
 DEFAULT_KILL_AFTER_S = 10.0
+# End a sandbox whose tasks were all stalled on memory (PSI "full") this share of this window:
+# see sandbox/cgroups/pressure.py and docs/pressure.md for the measurements behind it.
+DEFAULT_OOM_PRESSURE = "50%/10s"
 
 _UNLIMITED = ("unlimited", "infinity", "max")
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -35,10 +38,12 @@ MAX_SIZE = (1 << 63) - 1  # the kernel's counters are signed 64-bit
 MAX_DURATION_S = 366 * 86400.0
 # The kernel's PID_MAX_LIMIT on 64-bit: pids.max accepts nothing larger.
 MAX_PIDS = 1 << 22
+PRESSURE_FORMS = "PERCENT/DURATION (50%/10s, 80%/1m; 1-99%, at least 1s), or off"
 
 
 class Limits(Frozen):
-    """None means no limit. `kill_after_s` is the grace between SIGTERM and SIGKILL."""
+    """None means no limit. `kill_after_s` is the grace between SIGTERM and SIGKILL.
+    `oom_pressure_pct` over `oom_pressure_window_s`: the memory-pressure kill (None: off)."""
 
     memory_bytes: int | None
     pids: int | None
@@ -46,6 +51,8 @@ class Limits(Frozen):
     kill_after_s: float = DEFAULT_KILL_AFTER_S
     address_space_bytes: int | None = None
     protected: bool = False  # --protect-limits: a root command cannot undo them (core/protect.py)
+    oom_pressure_pct: float | None = None  # --oom-pressure: off (None) or the threshold
+    oom_pressure_window_s: float = 10.0
 
 
 def is_ascii_digits(text: str) -> bool:
@@ -153,6 +160,22 @@ def parse_pids(text: str, what: str = "--pids") -> int | None:
             f"invalid {what} value {text!r}: expected {PIDS_FORMS} (at most {MAX_PIDS})"
         )
     return int(raw)
+
+
+def parse_pressure(text: str, what: str = "--oom-pressure") -> tuple[float | None, float]:
+    """(percent, window seconds); percent None for off."""
+    raw = text.strip().lower()
+    if raw in ("off", "none", "0"):
+        return None, 10.0
+    share, slash, window = raw.partition("/")
+    error = UsageError(f"invalid {what} value {text!r}: expected {PRESSURE_FORMS}")
+    pct = _number(share.removesuffix("%"))
+    if not slash or pct is None or not 1 <= pct <= 99:
+        raise error
+    seconds = parse_duration(window, what) if window.strip() else None
+    if seconds is None or seconds < 1:
+        raise error
+    return pct, seconds
 
 
 def format_size(value: int | None, compact: bool = False) -> str:

@@ -79,13 +79,31 @@ class Placement(Frozen):
         return found
 
 
+class Pressure(Frozen):
+    """Why a sandbox was ended for memory pressure (sandbox/cgroups/pressure.py): every task of
+    it was stalled on memory `stall_pct` of the last `over_s` seconds (at least `window_s`),
+    at or above `threshold_pct`."""
+
+    stall_pct: float
+    over_s: float
+    threshold_pct: float
+    window_s: float
+
+
 class Usage(Frozen):
-    """What the sandbox measured. None where this backend or kernel cannot tell."""
+    """What the sandbox measured. None where this backend or kernel cannot tell.
+
+    `peak_memory_bytes` counts what the memory limit counts: on a cgroup, the page cache the
+    sandbox's reads and writes brought in too (a cargo build peaks at 531 MiB on v1 where its
+    processes' resident memory peaks at 324 MiB); under the rlimit backend's watchdog, the
+    tree's resident memory. `memory_pressure` is set when the pressure watch ended the run.
+    """
 
     peak_memory_bytes: int | None = None
     oom_kills: int | None = None
     pids_limit_hits: int | None = None
     cpu_s: float | None = None
+    memory_pressure: Pressure | None = None
 
 
 class RunResult(Frozen, kw_only=True):
@@ -165,14 +183,23 @@ def message(
     """
     usage, limits = result.usage, result.limits
     if result.reason == Reason.TIMEOUT:
-        how = (
-            f"sent SIGTERM, then SIGKILL after {format_duration(limits.kill_after_s)}"
-            if result.killed_after_grace
-            else "sent SIGTERM"
-        )
+        if not limits.kill_after_s:  # --kill-after 0: no grace, SIGKILL at once
+            how = "sent SIGKILL at once (--kill-after 0)"
+        elif result.killed_after_grace:
+            how = f"sent SIGTERM, then SIGKILL after {format_duration(limits.kill_after_s)}"
+        else:
+            how = "sent SIGTERM"
         return f"timed out after {format_duration(limits.timeout_s)}; {how}"
     if result.reason == Reason.OOM:
         peak = format_size(usage.peak_memory_bytes) if usage.peak_memory_bytes else "unknown"
+        if (stall := usage.memory_pressure) is not None:
+            return (
+                f"killed for memory pressure: thrashing at its {format_size(limits.memory_bytes)} "
+                f"limit, every task stalled on memory {stall.stall_pct:g}% of the last "
+                f"{stall.over_s:g}s (threshold {stall.threshold_pct:g}% over "
+                f"{format_duration(stall.window_s)}; peak {peak}); raise --mem, or tune "
+                "--oom-pressure"
+            )
         above, where = enclosing
         if above is not None and (limits.memory_bytes is None or above < limits.memory_bytes):
             return (

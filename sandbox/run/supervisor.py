@@ -246,7 +246,7 @@ def _with_cpu(measured: Usage, times_before: os.times_result) -> Usage:
     cpu = (after.children_user - times_before.children_user) + (
         after.children_system - times_before.children_system
     )
-    return Usage(measured.peak_memory_bytes, measured.oom_kills, measured.pids_limit_hits, cpu)
+    return Usage(**{**measured.as_dict(), "cpu_s": cpu})
 
 
 def _with_cleanup_error(result: RunResult, problems: list[str]) -> RunResult:
@@ -287,7 +287,8 @@ def _supervise(
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             deadline, ended_by = None, ended_by or Reason.TIMEOUT
-            backend.signal_all(_signal.SIGTERM)
+            if limits.kill_after_s:  # 0 means no grace: SIGKILL at once, no SIGTERM first
+                backend.signal_all(_signal.SIGTERM)
             kill_at = now + limits.kill_after_s
         if kill_at is not None and now >= kill_at:
             kill_at, killed_after_grace = None, True

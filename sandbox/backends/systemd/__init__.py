@@ -23,7 +23,7 @@ import os
 from sandbox.backends.systemd import scope
 from sandbox.backends.systemd.bus import Bus
 from sandbox.backends.systemd.properties import HOLDER_TASKS, unit_properties
-from sandbox.cgroups import cgroupfs, tree, v2
+from sandbox.cgroups import cgroupfs, pressure, tree, v2
 from sandbox.core import identity
 from sandbox.core.errors import SandboxError
 from sandbox.core.limits import Limits, format_size
@@ -52,6 +52,7 @@ class SystemdBackend:
         self._release: tuple[int, int] | None = None  # the pipe the child waits on
         self._child: int | None = None
         self._holder: scope.Holder | None = None
+        self._pressure: pressure.PressureWatch | None = None  # --oom-pressure
         self._removed = False
 
     # -- prepare ------------------------------------------------------------------------------
@@ -80,6 +81,8 @@ class SystemdBackend:
         self.scope = v2.Cgroup(scope.start(self._bus, self.unit, properties, self.slice))
         self.command = scope.arrange(self.scope.path, pid, self._holder.pid)
         self._check_limits(self.scope, self._limits)
+        self._pressure = pressure.watch(self.command.path, self._limits)
+        self.tick_s = self._pressure.tick_s if self._pressure else None
         assert self._release is not None
         os.write(self._release[1], b"g")
         self._close_release()
@@ -99,9 +102,13 @@ class SystemdBackend:
             cgroup.check_reads("pids.max", tasks, f"systemd did not apply TasksMax={tasks}")
 
     def watch_fds(self) -> list[int]:
-        return []
+        # memory.oom.group kills the whole command: the main child's exit wakes us; the
+        # memory-pressure trigger is all we watch.
+        return [self._pressure.fd] if self._pressure and self._pressure.fd else []
 
     def check(self) -> str | None:
+        if self._pressure is not None and self._pressure.check():
+            return Reason.OOM  # thrashing at the limit, which the OOM killer does not end
         return Reason.OOM if self.command is not None and self.command.oom_hit() else None
 
     def signal_all(self, signo: int) -> None:
@@ -121,7 +128,10 @@ class SystemdBackend:
     def measure(self) -> Usage:
         if self.command is None or self.scope is None:
             return Usage()
-        return tree.usage(self.command, [self.command, self.scope], self.command)
+        usage = tree.usage(self.command, [self.command, self.scope], self.command)
+        if self._pressure is None or self._pressure.fired is None:
+            return usage
+        return Usage(**{**usage.as_dict(), "memory_pressure": self._pressure.fired})
 
     # -- tear down ----------------------------------------------------------------------------
     def remove(self) -> None:
@@ -131,6 +141,8 @@ class SystemdBackend:
             return
         self._removed = True
         self._close_release()
+        if self._pressure is not None:
+            self._pressure.close()
         if self._child is None:
             self._close_bus()  # no scope was ever asked for
             return

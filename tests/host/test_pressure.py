@@ -1,0 +1,112 @@
+"""A sandbox thrashing at its memory limit ends as an OOM (137) within the pressure window, not
+at the timeout; `--kill-after 0` sends SIGKILL at once.
+
+The thrash is the one Chromium showed at --mem 150M: file pages (its own program text) that
+the kernel can always drop and read back, so the OOM killer never fires. Here a program keeps
+130 MiB of anonymous memory and reads an 80 MiB file it maps, in a loop, under --mem 150M.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import need, need_kernel_sandbox, read_report, run_launcher
+
+PY = sys.executable
+
+THRASH = """
+import mmap, os, sys
+path = sys.argv[1]
+with open(path, "wb") as f:
+    for _ in range(80):
+        f.write(os.urandom(1 << 20))
+anon = bytearray(130 << 20)
+anon[::4096] = b"x" * len(anon[::4096])
+with open(path, "rb") as f:
+    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    pages = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+print("thrashing", flush=True)
+while True:
+    total = sum(pages[i] for i in range(0, len(pages), 4096))
+"""
+
+
+@pytest.fixture(autouse=True)
+def cgroups_usable() -> None:
+    need_kernel_sandbox()
+
+
+def _psi_here() -> bool:
+    try:
+        with open("/proc/pressure/memory") as f:
+            return "full" in f.read()
+    except OSError:
+        return False
+
+
+def _thrash(tmp_path: Path, pressure: str, timeout: str) -> tuple[int, str, dict[str, Any]]:
+    need(_psi_here(), "this kernel has no PSI (/proc/pressure/memory): no pressure watch")
+    report = tmp_path / "r.json"
+    args = ["--mem", "150M", "--oom-pressure", pressure, "--timeout", timeout, "--report"]
+    args += [str(report), "--", PY, "-c", THRASH, str(tmp_path / "pages")]
+    proc = run_launcher(args, timeout=float(timeout) + 30)
+    return proc.returncode, proc.stderr, read_report(report)
+
+
+def test_thrashing_at_the_limit_ends_as_oom_within_the_window(tmp_path: Path) -> None:
+    code, stderr, data = _thrash(tmp_path, "15%/3s", "120")
+    assert code == 137, (stderr, data)
+    assert data["reason"] == "oom" and data["exit_code"] == 137
+    assert data["oom_kills"] in (0, None)  # not the kernel's doing
+    stall = data["memory_pressure"]
+    assert stall is not None and stall["stall_pct"] >= 15 and stall["over_s"] >= 3
+    assert stall["threshold_pct"] == 15 and stall["window_s"] == 3
+    assert "killed for memory pressure" in stderr and "% of the last" in stderr
+    # Ended within seconds of the window (the writing and the first stall take some), far
+    # from the timeout.
+    assert data["wall_s"] < 60, data["wall_s"]
+
+
+def test_the_pressure_watch_can_be_turned_off(tmp_path: Path) -> None:
+    code, stderr, data = _thrash(tmp_path, "off", "12")
+    assert code == 124, (stderr, data)
+    assert data["memory_pressure"] is None and data["limits"]["oom_pressure_pct"] is None
+
+
+def test_a_healthy_run_is_not_touched(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    code = "b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096])"
+    proc = run_launcher(["--mem", "1G", "--report", str(report), "--", PY, "-c", code])
+    assert proc.returncode == 0, proc.stderr
+    assert read_report(report)["memory_pressure"] is None
+
+
+def test_kill_after_zero_sends_sigkill_at_once(tmp_path: Path) -> None:
+    seen = tmp_path / "sigterm"
+    code = (
+        "import signal, time, pathlib\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: pathlib.Path({str(seen)!r}).touch())\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = run_launcher(["--timeout", "1", "--kill-after", "0", "--", PY, "-c", code])
+    assert proc.returncode == 124, proc.stderr
+    assert "timed out after 1s; sent SIGKILL at once (--kill-after 0)" in proc.stderr
+    assert not seen.exists()  # no SIGTERM first: 0 means no grace
+
+
+def test_the_watch_costs_no_cpu_while_the_sandbox_runs_well() -> None:
+    """The trigger always reads as POLLIN: polled for that directly, the launcher would spin
+    (it did: sql.js took 2.5x its CPU time). It sleeps until the trigger fires."""
+    need(_psi_here(), "this kernel has no PSI (/proc/pressure/memory): no pressure watch")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = run_launcher(["--mem", "1G", "--oom-pressure", "50%/10s", "--", "sleep", "3"])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert proc.returncode == 0, proc.stderr
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < 0.8, f"launcher and sleep used {cpu:.2f} s of CPU in a 3 s run"

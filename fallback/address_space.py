@@ -14,8 +14,12 @@ resident (docs/fallback.md has the measurements).
                  get 256G; LLVM's reservations in Rust builds need about 32G; Chromium's
                  renderers reserve 1.4 TiB each, so Chromium gets no RLIMIT_AS at all.
     RLIMIT_DATA  writable private mappings only (Linux 4.7+): PROT_NONE reservations do not
-                 count, so it gets the same headroom for every command and still catches a
-                 single process that allocates far past the limit where RLIMIT_AS was raised.
+                 count, so it catches a single process that allocates far past the limit where
+                 RLIMIT_AS was raised. V8 (Node, Chromium) commits a WebAssembly memory's
+                 initial size as one writable mapping of up to 4 GiB, touched only as used:
+                 at --mem 400M a page asking for 2 GiB got a RangeError (exit 1) where a cgroup
+                 OOM-kills it once it uses 400M; so V8 programs get 4 GiB of headroom, and the
+                 watchdog decides as for everything else.
 
 An explicit `--as SIZE|unlimited` (or AERO_AS_LIMIT) replaces both: the person asking knows
 their program (AddressSanitizer maps a 15 TiB shadow that either limit would refuse).
@@ -32,6 +36,7 @@ NODE_CAP = 256 << 30
 RUST_CAP = 32 << 30
 UNCAPPED = -1  # RESERVERS: no RLIMIT_AS at all
 HEADROOM = 1 << 30  # at least this much above --mem, and at least --mem itself
+V8_HEADROOM = 4 << 30  # wasm32's largest memory, committed (not used) in one mapping
 
 # Programs that reserve large virtual ranges, by the basename of what the command line runs
 # (looking through `env VAR=x`): every Node launcher runs V8, whose WebAssembly memories and
@@ -73,10 +78,10 @@ RESERVERS: dict[str, tuple[int, str]] = {
 }
 
 
-def with_headroom(memory_bytes: int) -> int:
+def with_headroom(memory_bytes: int, headroom: int = HEADROOM) -> int:
     """The per-process backstop for a tree limited to `memory_bytes`: far enough above it that
     only the watchdog, which counts the whole tree's resident memory, decides at --mem."""
-    return memory_bytes + max(memory_bytes, HEADROOM)
+    return memory_bytes + max(memory_bytes, headroom)
 
 
 class Backstop(Frozen):
@@ -95,6 +100,8 @@ def backstop(argv: list[str], memory_bytes: int | None, requested: int | None) -
         return Backstop(requested, None, "--as")
     if memory_bytes is None:
         return Backstop(None, None, "no --mem limit")
-    backstop = with_headroom(memory_bytes)
-    cap, why = RESERVERS.get(program(argv), (backstop, "--mem + headroom"))
+    name = program(argv)
+    v8 = name in RESERVERS and RESERVERS[name][0] in (NODE_CAP, UNCAPPED)
+    backstop = with_headroom(memory_bytes, V8_HEADROOM if v8 else HEADROOM)
+    cap, why = RESERVERS.get(name, (backstop, "--mem + headroom"))
     return Backstop(None if cap == UNCAPPED else max(cap, backstop), backstop, why)

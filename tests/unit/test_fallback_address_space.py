@@ -68,7 +68,7 @@ def test_the_backstop_sits_well_above_mem(memory: int, expected: int) -> None:
 )
 def test_chromium_gets_no_address_space_cap(argv: list[str]) -> None:
     chosen = backstop(argv, 300 << 20, None)
-    assert (chosen.address_space, chosen.data) == (None, (300 << 20) + G)
+    assert (chosen.address_space, chosen.data) == (None, (300 << 20) + 4 * G)
 
 
 def test_mem_above_the_bump_wins() -> None:

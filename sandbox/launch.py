@@ -7,8 +7,7 @@ import sys
 import time
 
 from sandbox.backends import selection
-from sandbox.budgets.admission import NotAdmitted
-from sandbox.core.errors import BackendUnavailable, SandboxError
+from sandbox.core.errors import BackendUnavailable, NotAdmitted, SandboxError
 from sandbox.core.limits import Limits, format_duration, format_size
 from sandbox.core.result import (
     EXIT_ERROR,

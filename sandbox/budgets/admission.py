@@ -32,7 +32,7 @@ import time
 
 from sandbox.budgets import files
 from sandbox.budgets.model import Level
-from sandbox.core.errors import SandboxError
+from sandbox.core.errors import NotAdmitted, SandboxError
 from sandbox.core.frozen import Frozen
 from sandbox.core.limits import format_duration, format_size
 
@@ -62,15 +62,6 @@ class Ticket(Frozen):
     running: bool
     argv: list[str]
     path: str = ""
-
-
-class NotAdmitted(Exception):
-    """The run never started: the queue timed out, or a signal came while it waited."""
-
-    def __init__(self, line: str, signo: int | None = None) -> None:
-        super().__init__(line)
-        self.line = line
-        self.signo = signo
 
 
 def within(budget: str, level: str) -> bool:

@@ -28,3 +28,14 @@ class BackendUnavailable(SandboxError):
 
     def line(self) -> str:
         return f"{self.backend} backend unavailable: {super().line()}"
+
+
+class NotAdmitted(Exception):
+    """The run never started: its budget's queue timed out, or a signal came while it waited
+    (sandbox/budgets/admission.py). Here, not there, so the launcher can catch it without
+    importing the budgets on every run."""
+
+    def __init__(self, line: str, signo: int | None = None) -> None:
+        super().__init__(line)
+        self.line = line
+        self.signo = signo

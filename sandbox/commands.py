@@ -86,10 +86,10 @@ def gc_command(dry_run: bool, parents: tuple[str, ...]) -> None:
     A live sandbox is never touched. A sandbox whose launcher is gone but whose processes
     still run is left alone and reported.
     """
-    from sandbox.registry import inventory
+    from sandbox.registry import gc
 
-    dirs = [path for parent in parents for path in inventory.parent_dirs(parent)]
-    done = inventory.collect(dry_run=dry_run, parents=dirs)
+    dirs = [path for parent in parents for path in gc.parent_dirs(parent)]
+    done = gc.collect(dry_run=dry_run, parents=dirs)
     verb = "would remove" if dry_run else "removed"
     for path in done.cgroups:
         click.echo(f"{verb} cgroup {path}")

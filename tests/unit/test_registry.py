@@ -16,7 +16,7 @@ from sandbox.core.errors import SandboxError, UsageError
 from sandbox.core.limits import Limits
 from sandbox.core.result import Placement
 from sandbox.options import parse_run
-from sandbox.registry import inventory
+from sandbox.registry import gc, inventory
 from sandbox.registry import store as registry
 
 
@@ -240,10 +240,10 @@ def test_gc_parent_looks_wherever_the_parent_exists(tmp_path: Path) -> None:
     hierarchies = _hybrid(tmp_path)
     (tmp_path / "pids" / "agents").rmdir()  # gc is lenient: a run's --parent is not
     expected = [str(tmp_path / n / "agents") for n in ("memory", "cpu", "unified")]
-    assert sorted(inventory.parent_dirs("agents", hierarchies)) == sorted(expected)
-    absolute = inventory.parent_dirs(str(tmp_path / "memory" / "agents"), hierarchies)
+    assert sorted(gc.parent_dirs("agents", hierarchies)) == sorted(expected)
+    absolute = gc.parent_dirs(str(tmp_path / "memory" / "agents"), hierarchies)
     assert sorted(absolute) == sorted(expected)
     with pytest.raises(UsageError):
-        inventory.parent_dirs("nowhere", hierarchies)
+        gc.parent_dirs("nowhere", hierarchies)
     with pytest.raises(UsageError):
-        inventory.parent_dirs("../agents", hierarchies)
+        gc.parent_dirs("../agents", hierarchies)

@@ -4,7 +4,10 @@ sandbox the kernel chose (issues 10.5, 11.1, 11.5, 11.8). Real processes, real c
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import pytest
 from sandbox.cgroups import cgroupfs
 from tests.conftest import (
     LAUNCHER,
+    ROOT,
     launcher_env,
     need_kernel_sandbox,
     read_report,
@@ -22,8 +26,6 @@ from tests.programs import ALLOCATE
 
 PY = os.environ.get("AERO_TEST_PYTHON", "/usr/bin/python3")
 if not os.path.exists(PY):
-    import sys
-
     PY = sys.executable
 
 
@@ -210,3 +212,53 @@ def test_an_oom_storm_counts_every_kill(tmp_path: Path) -> None:
     assert codes == [137] * 12
     assert [r["reason"] for r in reports] == ["oom"] * 12
     assert all((r["oom_kills"] or 0) >= 1 for r in reports), [r["oom_kills"] for r in reports]
+
+
+# -- the caller's signal dispositions (issue 11.15) ----------------------------------------------
+@pytest.fixture(scope="module")
+def native_entry(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """bin/aero-sandbox.c built as scripts/native-entry builds it, in front of this checkout's
+    Python entry script (PYTHONPATH, from launcher_env, finds this checkout's package)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:  # a property of the install, not of the kernel: README says what changes
+        pytest.skip("no C compiler: the native entry cannot be built, the Python entry stays")
+    binary = str(tmp_path_factory.mktemp("entry") / "aero-sandbox")
+    defines = [f'-DPYTHON="{sys.executable}"', f'-DSCRIPT="{ROOT / "bin" / "aero-sandbox"}"']
+    source = str(ROOT / "bin" / "aero-sandbox.c")
+    warnings = ["-Wall", "-Wextra", "-Werror"]
+    subprocess.run([gcc, "-O2", *warnings, *defines, "-o", binary, source], check=True, timeout=120)
+    return binary
+
+
+SHOW = "grep SigIgn /proc/self/status; env | grep -c AERO_SANDBOX_CALLER || true"
+
+
+@pytest.mark.parametrize("backend", ["auto", "rlimit"])
+@pytest.mark.parametrize("caller", ["ignores SIGPIPE", "default SIGPIPE"])
+def test_a_callers_ignored_sigpipe_stays_ignored_in_the_command(
+    native_entry: str, tmp_path: Path, backend: str, caller: str
+) -> None:
+    """Python ignores SIGPIPE before any of its code runs; the native entry tells the launcher
+    what the caller had. The command gets the caller's disposition, never the variable."""
+    disposition = signal.SIG_IGN if caller == "ignores SIGPIPE" else signal.SIG_DFL
+
+    def callers_dispositions() -> None:  # pytest's Python ignores both
+        signal.signal(signal.SIGPIPE, disposition)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+
+    report = tmp_path / "r.json"
+    proc = subprocess.run(
+        [native_entry, "--backend", backend, "--report", str(report), "--", "sh", "-c", SHOW],
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        restore_signals=False,
+        preexec_fn=callers_dispositions,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    mask, count = proc.stdout.split()[1:]
+    pipe_ignored = bool(int(mask, 16) & (1 << (signal.SIGPIPE - 1)))
+    assert pipe_ignored == (caller == "ignores SIGPIPE"), (mask, read_report(report)["backend"])
+    assert not int(mask, 16) & (1 << (signal.SIGXFSZ - 1)), "SIGXFSZ is not the caller's"
+    assert count == "0", "the variable reached the command"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sandbox.registry import store
 from tests.conftest import LAUNCHER, launcher_env, run_launcher
+from tests.host.test_hostile import dead_pid
 from tests.programs import ALLOCATE
 from tests.vm.conftest import DELEGATED_SCOPE, PY
 
@@ -114,12 +115,6 @@ def own_registry() -> Iterator[Path]:
         for name in set(os.listdir(directory)) - before:
             with contextlib.suppress(OSError):
                 os.unlink(directory / name)
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
 
 
 def test_own_registry_entries_cannot_make_gc_remove_or_list_fail(tmp_path: Path) -> None:

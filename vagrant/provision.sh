@@ -22,6 +22,8 @@ create_user() {
 }
 
 # Venvs are made from Debian's own python3, the interpreter the wheels were built for.
+# No native entry here: the qemu image has no C compiler and a wheel has no C source, so
+# bin/aero-sandbox stays the Python entry (README: a caller's ignored SIGPIPE is then reset).
 install_from_wheelhouse() {
     # A venv without its own pip, filled by the system's pip (python3-pip): under TCG, ensurepip
     # alone takes 30 s and byte-compiling every file 8 s more. Python compiles what is imported.
@@ -41,6 +43,8 @@ install_from_source() {
     tar -C "$1" --exclude=./.venv --exclude=./build --exclude=./dist -cf - . | tar -C "$tmp" -xf -
     /usr/bin/python3 -m venv --clear "$PREFIX"
     "$PREFIX/bin/pip" install --quiet "$tmp[systemd,test]"
+    # The native entry that keeps a caller's ignored SIGPIPE (bin/aero-sandbox.c); gcc is here.
+    bash "$tmp/scripts/native-entry" "$PREFIX/bin"
     rm -rf "$tmp"
 }
 

@@ -113,9 +113,12 @@ def spawn(
             except Exception as err:  # noqa: BLE001 - reported to the parent
                 os.write(write_end, f"setup:0:{err}".encode())
                 os._exit(125)
-            # Python ignores these; an exec keeps ignored signals ignored.
-            _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
-            _signal.signal(_signal.SIGXFSZ, _signal.SIG_DFL)
+            # Python ignores these at start-up, and an exec keeps ignored signals ignored: reset
+            # them, unless the caller had them ignored (the native entry, bin/aero-sandbox.c,
+            # says so; the command does not inherit the variable). As HUP, INT and QUIT do.
+            kept = os.environ.pop("AERO_SANDBOX_CALLER_IGNORES", "").split(",")
+            for name, signo in (("PIPE", _signal.SIGPIPE), ("XFSZ", _signal.SIGXFSZ)):
+                _signal.signal(signo, _signal.SIG_IGN if name in kept else _signal.SIG_DFL)
             _signal.pthread_sigmask(_signal.SIG_SETMASK, child_mask)
             _execvp(argv)
         except OSError as err:

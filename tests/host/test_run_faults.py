@@ -4,7 +4,10 @@ sandbox the kernel chose (issues 10.5, 11.1, 11.5, 11.8). Real processes, real c
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import pytest
 from sandbox.cgroups import cgroupfs
 from tests.conftest import (
     LAUNCHER,
+    ROOT,
     launcher_env,
     need_kernel_sandbox,
     read_report,
@@ -22,8 +26,6 @@ from tests.programs import ALLOCATE
 
 PY = os.environ.get("AERO_TEST_PYTHON", "/usr/bin/python3")
 if not os.path.exists(PY):
-    import sys
-
     PY = sys.executable
 
 
@@ -210,3 +212,72 @@ def test_an_oom_storm_counts_every_kill(tmp_path: Path) -> None:
     assert codes == [137] * 12
     assert [r["reason"] for r in reports] == ["oom"] * 12
     assert all((r["oom_kills"] or 0) >= 1 for r in reports), [r["oom_kills"] for r in reports]
+
+
+# -- the caller's signal dispositions (issue 11.15) ----------------------------------------------
+@pytest.fixture(scope="module")
+def native_entry(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """bin/aero-sandbox.c built as scripts/native-entry builds it, in front of this checkout's
+    Python entry script (PYTHONPATH, from launcher_env, finds this checkout's package)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:  # a property of the install, not of the kernel: README says what changes
+        pytest.skip("no C compiler: the native entry cannot be built, the Python entry stays")
+    binary = str(tmp_path_factory.mktemp("entry") / "aero-sandbox")
+    defines = [f'-DPYTHON="{sys.executable}"', f'-DSCRIPT="{ROOT / "bin" / "aero-sandbox"}"']
+    source = str(ROOT / "bin" / "aero-sandbox.c")
+    warnings = ["-Wall", "-Wextra", "-Werror"]
+    subprocess.run([gcc, "-O2", *warnings, *defines, "-o", binary, source], check=True, timeout=120)
+    return binary
+
+
+SHOW = "grep SigIgn /proc/self/status; env | grep -c AERO_SANDBOX_CALLER || true"
+
+
+@pytest.mark.parametrize("backend", ["auto", "rlimit"])
+@pytest.mark.parametrize("caller", ["ignores SIGPIPE", "default SIGPIPE", "stale variable"])
+def test_a_callers_ignored_sigpipe_stays_ignored_in_the_command(
+    native_entry: str, backend: str, caller: str
+) -> None:
+    """Python ignores SIGPIPE before any of its code runs; the native entry tells the launcher
+    what the caller had. The command gets the caller's disposition, never the variable; a value
+    the caller's environment already held (an outer launcher's caller's) does not count."""
+    ignores = caller == "ignores SIGPIPE"
+    stale = {"AERO_SANDBOX_CALLER_IGNORES": "PIPE,XFSZ"} if "stale" in caller else {}
+    mask, count = sigign_of_a_command(native_entry, backend, ignores, launcher_env(**stale))
+    assert bool(mask & (1 << (signal.SIGPIPE - 1))) == ignores, hex(mask)
+    assert not mask & (1 << (signal.SIGXFSZ - 1)), "SIGXFSZ is not the caller's"
+    assert count == "0", "the variable reached the command"
+
+
+def test_the_installed_entry_keeps_an_ignored_sigpipe() -> None:
+    """What scripts/install (scripts/native-entry) put beside the venv's python."""
+    entry = Path(sys.executable).parent / "aero-sandbox"
+    if not entry.exists() or entry.read_bytes()[:4] != b"\x7fELF":
+        pytest.skip(f"{entry} is not the native entry (installed without a C compiler)")
+    mask, count = sigign_of_a_command(str(entry), "auto", True, launcher_env())
+    assert mask & (1 << (signal.SIGPIPE - 1)) and count == "0", hex(mask)
+
+
+def sigign_of_a_command(
+    entry: str, backend: str, ignore_pipe: bool, env: dict[str, str]
+) -> tuple[int, str]:
+    """The command's SigIgn mask and how many AERO_SANDBOX_CALLER_* variables it saw, when its
+    caller has SIGPIPE ignored or at default (SIGXFSZ at default: pytest's Python ignores both)."""
+    disposition = signal.SIG_IGN if ignore_pipe else signal.SIG_DFL
+
+    def callers_dispositions() -> None:
+        signal.signal(signal.SIGPIPE, disposition)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+
+    proc = subprocess.run(
+        [entry, "--backend", backend, "--", "sh", "-c", SHOW],
+        env=env,
+        capture_output=True,
+        text=True,
+        restore_signals=False,
+        preexec_fn=callers_dispositions,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    mask, count = proc.stdout.split()[1:]
+    return int(mask, 16), count

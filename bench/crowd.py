@@ -24,9 +24,12 @@ import argparse
 import json
 import os
 import random
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sandbox.budgets import cgroup as levels_fs  # noqa: E402
+from sandbox.budgets import membership  # noqa: E402
+from sandbox.budgets.admission import Ticket, decide  # noqa: E402
+from sandbox.budgets.model import Caps, Level  # noqa: E402
 from sandbox.cgroups import cgroupfs, tree  # noqa: E402
 from sandbox.core.limits import format_size, parse_size  # noqa: E402
 
@@ -43,12 +49,16 @@ from scale import environment, launcher  # noqa: E402
 GIB = 1 << 30
 MIB = 1 << 20
 # Takes its peak at once (MAP_POPULATE: the kernel faults every page in), holds it, exits 0.
+# Stamps (wall clock) when it starts and when it lets go, in the file argv[3] (for the per-job
+# table): the start, the moment its peak is faulted in, the end of its hold.
 JOB = (
     "import mmap, sys, time\n"
-    "start = time.monotonic(); peak, seconds = int(sys.argv[1]), float(sys.argv[2])\n"
+    "start = time.time(); peak, seconds = int(sys.argv[1]), float(sys.argv[2])\n"
     "flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE\n"
-    "held = mmap.mmap(-1, peak, flags=flags)\n"
-    "time.sleep(max(0.0, seconds - (time.monotonic() - start)))\n"
+    "held = mmap.mmap(-1, peak, flags=flags); faulted = time.time()\n"
+    "time.sleep(max(0.0, seconds - (time.time() - start)))\n"
+    "held.close(); end = time.time()\n"
+    "open(sys.argv[3], 'w').write(f'{start} {faulted} {end}')\n"
 )
 INTERPRETER = 12 * MIB  # what python itself takes on top of the job's bytes
 
@@ -93,18 +103,63 @@ def budget_peak(name: str) -> int | None:
     return levels_fs.read_level(places, (name,)).peak_bytes
 
 
+class Watcher(threading.Thread):
+    """Samples the budget's queue directory and the launchers every 5 ms: when each ticket
+    appeared (w-: queued), was admitted (r-) and went away (the reservation given back), and when
+    each launcher exited."""
+
+    def __init__(self, state: str | None, procs: list[subprocess.Popen[bytes]]) -> None:
+        super().__init__(daemon=True)
+        self.state, self.procs = state, procs
+        self.seen: dict[int, dict[str, float]] = {}  # ticket number -> pid, queued, admitted, gone
+        self.exited: dict[int, float] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.005):
+            now = time.time()
+            names = set()
+            try:
+                names = set(os.listdir(self.state)) if self.state else set()
+            except OSError:
+                pass
+            live = set()
+            for name in names:
+                kind, _, rest = name.partition("-")
+                if kind not in ("w", "r"):
+                    continue
+                number, pid = (int(x) for x in rest.split("-")[:2])
+                live.add(number)
+                row = self.seen.setdefault(number, {"pid": pid, "queued": now})
+                if kind == "r":
+                    row.setdefault("admitted", now)
+            for number, row in self.seen.items():
+                if number not in live:
+                    row.setdefault("gone", now)
+            for proc in self.procs:
+                if proc.pid not in self.exited and proc.poll() is not None:
+                    self.exited[proc.pid] = now
+            if len(self.exited) == len(self.procs):
+                return
+
+
 def run_mode(mode: str, jobs: list[tuple[int, float]], cap: int, workdir: Path) -> dict:
     base = launcher()
     env = environment()
     parent = None
+    state = None
     budget = f"crowd-{os.getpid()}-{mode}"
     if mode == "a":
         parent = Parent(cap)
     else:
         subprocess.run([*base, "budget", "set", budget, "--mem", str(cap)], env=env, check=True,
                        stdout=subprocess.DEVNULL)
-    procs = []
-    start = time.monotonic()
+        state = membership.state_dir(levels_fs.bases(), (budget,), create=False)
+    procs: list[subprocess.Popen[bytes]] = []
+    watcher = Watcher(state, procs)
+    launched = []
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.time()
     try:
         for index, (peak, seconds) in enumerate(jobs):
             report = workdir / f"{mode}-{index}.json"
@@ -117,16 +172,22 @@ def run_mode(mode: str, jobs: list[tuple[int, float]], cap: int, workdir: Path) 
             else:
                 reserve = str(peak + INTERPRETER)
                 args += ["--budget", budget, "--reserve", reserve, "--attempts", "3"]
-            command = [sys.executable, "-c", JOB, str(peak), str(seconds)]
+            stamps = workdir / f"{mode}-{index}.stamps"
+            command = [sys.executable, "-c", JOB, str(peak), str(seconds), str(stamps)]
+            launched.append(time.time())
             procs.append(subprocess.Popen([*base, *args, "--", *command], env=env,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        ends = []
+            if index == 0:
+                watcher.start()
+        watcher.join(timeout=900)
+        watcher.stop.set()
+        makespan = max(watcher.exited.values()) - start
         for proc in procs:
-            proc.wait(timeout=900)
-            ends.append(time.monotonic())
-        makespan = max(ends) - start
+            proc.wait(timeout=60)  # reaped: their CPU counts in RUSAGE_CHILDREN
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         peak_seen = parent.peak() if parent else budget_peak(budget)
     finally:
+        watcher.stop.set()
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
@@ -139,7 +200,26 @@ def run_mode(mode: str, jobs: list[tuple[int, float]], cap: int, workdir: Path) 
     lost = sum(1 for r in reports if r["exit_code"] != 0)
     kills = sum(1 for r in reports if r["reason"] in ("oom", "budget_oom"))
     kills += sum(1 for r in reports for why in r.get("retried_for", []) if "budget_oom" in why)
+    per_job = []
+    for index, (peak, seconds) in enumerate(jobs):
+        pid = procs[index].pid
+        tickets = sorted((n, t) for n, t in watcher.seen.items() if t["pid"] == pid)
+        stamps_file = workdir / f"{mode}-{index}.stamps"
+        stamps = [float(x) for x in stamps_file.read_text().split()] if stamps_file.exists() else []
+        row: dict[str, float | None] = {
+            "peak": peak, "nominal_s": seconds, "launched": launched[index],
+            "exited": watcher.exited.get(pid),
+        }
+        if tickets:  # the last attempt's ticket: the one that ran to the end
+            last = tickets[-1][1]
+            row.update(queued=last.get("queued"), admitted=last.get("admitted"),
+                       released=last.get("gone"))
+        if stamps:
+            row.update(job_start=stamps[0], faulted=stamps[1], job_end=stamps[2])
+        per_job.append(row)
     ideal = sum(peak * seconds for peak, seconds in jobs) / cap
+    cpu = cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
+    job_cpu = sum(r.get("cpu_s") or 0.0 for r in reports)
     return {
         "mode": mode,
         "jobs_lost": lost,
@@ -149,6 +229,72 @@ def run_mode(mode: str, jobs: list[tuple[int, float]], cap: int, workdir: Path) 
         "makespan_s": round(makespan, 2),
         "ideal_s": round(ideal, 2),
         "makespan_vs_ideal": round(makespan / ideal, 2),
+        "load": round(os.getloadavg()[0], 1),
+        "job_cpu_s": round(job_cpu, 1),  # the commands' (the last attempt's, from the reports)
+        "launcher_cpu_s": round(cpu - job_cpu, 1),  # everything else: launchers, waiting, setup
+        "per_job": per_job,
+    }
+
+
+def simulate(sizes: list[int], durations: list[float], cap: int) -> float:
+    """The makespan of the admission rule itself (admission.decide), all queued at 0, with no
+    overhead at all: a run starts the instant decide lets it and holds its size for its duration."""
+    waiting = [Ticket(i + 1, 0, "s", size, 0.0, False, []) for i, size in enumerate(sizes)]
+    running: list[tuple[float, Ticket]] = []
+    now = 0.0
+    while waiting or running:
+        for mine in list(waiting):
+            tickets = [t for _end, t in running] + waiting
+            level = Level("s", None, Caps(cap), 0, None)
+            if decide(mine, tickets, [level]).admitted:
+                waiting.remove(mine)
+                started = Ticket(mine.number, 0, "s", mine.reserve, now, True, [])
+                running.append((now + durations[mine.number - 1], started))
+        if not running:
+            raise ValueError("a job larger than the cap")
+        now = min(end for end, _t in running)
+        running = [(end, t) for end, t in running if end > now]
+    return now
+
+
+def solo_times(jobs: list[tuple[int, float]], workdir: Path) -> list[float]:
+    """Each job alone, bare (no sandbox, nothing beside it): its process's wall time."""
+    found = []
+    for index, (peak, seconds) in enumerate(jobs):
+        began = time.monotonic()
+        stamps = workdir / f"solo-{index}.stamps"
+        subprocess.run([sys.executable, "-c", JOB, str(peak), str(seconds), str(stamps)],
+                       check=True)
+        found.append(time.monotonic() - began)
+    return found
+
+
+def median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+def breakdown(row: dict) -> dict:
+    """Where mode c's time goes, per job (medians, seconds)."""
+    jobs = [j for j in row["per_job"] if j.get("admitted") and j.get("job_start")]
+    releases = sorted(j["released"] for j in jobs if j.get("released"))
+    learn = []
+    for j in jobs:
+        before = [r for r in releases if j["queued"] < r < j["admitted"]]
+        if before:  # it was waiting when a reservation was given back: how long until it knew
+            learn.append(j["admitted"] - before[-1])
+    return {
+        "admission_wait": median([j["admitted"] - j["launched"] for j in jobs]),
+        "queued_after_launch": median([j["queued"] - j["launched"] for j in jobs]),
+        "release_to_next_admission": median(learn),
+        "admitted_to_job_start": median([j["job_start"] - j["admitted"] for j in jobs]),
+        "fault_in": median([j["faulted"] - j["job_start"] for j in jobs]),
+        "run_minus_nominal": median([j["job_end"] - j["job_start"] - j["nominal_s"] for j in jobs]),
+        "job_end_to_release": median([j["released"] - j["job_end"] for j in jobs
+                                      if j.get("released")]),
+        "release_to_launcher_exit": median([j["exited"] - j["released"] for j in jobs
+                                            if j.get("released") and j.get("exited")]),
+        "held_minus_nominal": median([j["released"] - j["admitted"] - j["nominal_s"]
+                                      for j in jobs if j.get("released")]),
     }
 
 
@@ -165,35 +311,70 @@ def main() -> int:
     parser.add_argument("--cap", default="4G")
     parser.add_argument("--seed", type=int, default=14)
     parser.add_argument("--modes", default="abc")
+    parser.add_argument("--no-solo", action="store_true", help="skip timing each job alone")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--save", help="write every figure, per job too, as JSON here")
     options = parser.parse_args()
     cap = parse_size(options.cap) or 4 * GIB
     jobs = crowd(options.jobs, options.seed)
     demand = sum(peak for peak, _s in jobs)
+    sizes = [peak + INTERPRETER for peak, _s in jobs]
     rows = []
+    load_before = os.getloadavg()[0]
     witness = canary()
     try:
         with tempfile.TemporaryDirectory(prefix="aero-crowd-") as tmp:
+            solo = None if options.no_solo else solo_times(jobs, Path(tmp))
             for mode in options.modes:
                 row = run_mode(mode, jobs, cap, Path(tmp))
                 row["outside_touched"] = 0 if witness.poll() is None else 1
+                if solo is not None:
+                    held = sum(p * t for (p, _), t in zip(jobs, solo, strict=True))
+                    row["ideal_solo_s"] = round(held / cap, 2)
+                    row["vs_ideal_solo"] = round(row["makespan_s"] / row["ideal_solo_s"], 2)
+                if mode == "c":
+                    row["breakdown"] = breakdown(row)
                 rows.append(row)
     finally:
         witness.kill()
         witness.wait()
+    nominal = [seconds for _p, seconds in jobs]
+    figures: dict = {
+        "jobs": options.jobs, "seed": options.seed, "demand_bytes": demand, "cap_bytes": cap,
+        "load_before": round(load_before, 1), "rows": rows, "solo_s": solo,
+        "rule_alone_nominal_s": round(simulate(sizes, nominal, cap), 2),
+    }
+    if solo is not None:
+        figures["rule_alone_solo_s"] = round(simulate(sizes, solo, cap), 2)
+    if options.save:
+        Path(options.save).write_text(json.dumps(figures, indent=2))
     if options.json:
-        print(json.dumps({"jobs": options.jobs, "demand_bytes": demand, "rows": rows}, indent=2))
+        print(json.dumps(figures, indent=2))
         return 0
+    ideal = rows[0]["ideal_s"] if rows else 0.0
     print(f"{options.jobs} jobs, seed {options.seed}: peaks sum to {format_size(demand)} "
-          f"({demand / cap:.1f}x the {format_size(cap)} cap)")
-    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print("| way | jobs lost | OOM kills | peak vs cap | outside touched | makespan | vs ideal |")
-    print("|---|---|---|---|---|---|---|")
+          f"({demand / cap:.1f}x the {format_size(cap)} cap); load average {load_before:.1f} "
+          f"before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores")
+    line = f"ideal (sum peak x duration / cap): {ideal} s from the nominal durations"
+    if solo is not None:
+        line += f", {rows[0]['ideal_solo_s']} s from each job's measured solo wall time"
+    print(line)
+    line = f"the admission rule alone (no overhead): {figures['rule_alone_nominal_s']} s nominal"
+    if solo is not None:
+        line += f", {figures['rule_alone_solo_s']} s solo"
+    print(line)
+    print("| way | jobs lost | OOM kills | peak vs cap | outside touched | makespan | vs ideal "
+          "| vs solo ideal | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         peak = row["peak_bytes"]
         print(f"| {row['mode']} | {row['jobs_lost']} | {row['oom_kills']} | "
               f"{format_size(peak)} / {format_size(cap)} | {row['outside_touched']} | "
-              f"{row['makespan_s']} s | {row['makespan_vs_ideal']}x ({row['ideal_s']} s) |")
+              f"{row['makespan_s']} s | {row['makespan_vs_ideal']}x | "
+              f"{row.get('vs_ideal_solo', '-')}x | {row['load']} |")
+        print(f"    CPU: jobs {row['job_cpu_s']} s, launchers {row['launcher_cpu_s']} s")
+        for key, value in row.get("breakdown", {}).items():
+            print(f"    {key}: {value} s (median)")
     return 0
 
 

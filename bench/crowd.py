@@ -152,8 +152,12 @@ def run_mode(mode: str, jobs: list[tuple[int, float]], cap: int, workdir: Path) 
     if mode == "a":
         parent = Parent(cap)
     else:
-        subprocess.run([*base, "budget", "set", budget, "--mem", str(cap)], env=env, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*base, "budget", "set", budget, "--mem", str(cap)],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         state = membership.state_dir(levels_fs.bases(), (budget,), create=False)
     procs: list[subprocess.Popen[bytes]] = []
     watcher = Watcher(state, procs)
@@ -175,8 +179,14 @@ def run_mode(mode: str, jobs: list[tuple[int, float]], cap: int, workdir: Path) 
             stamps = workdir / f"{mode}-{index}.stamps"
             command = [sys.executable, "-c", JOB, str(peak), str(seconds), str(stamps)]
             launched.append(time.time())
-            procs.append(subprocess.Popen([*base, *args, "--", *command], env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [*base, *args, "--", *command],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             if index == 0:
                 watcher.start()
         watcher.join(timeout=900)
@@ -207,13 +217,16 @@ def run_mode(mode: str, jobs: list[tuple[int, float]], cap: int, workdir: Path) 
         stamps_file = workdir / f"{mode}-{index}.stamps"
         stamps = [float(x) for x in stamps_file.read_text().split()] if stamps_file.exists() else []
         row: dict[str, float | None] = {
-            "peak": peak, "nominal_s": seconds, "launched": launched[index],
+            "peak": peak,
+            "nominal_s": seconds,
+            "launched": launched[index],
             "exited": watcher.exited.get(pid),
         }
         if tickets:  # the last attempt's ticket: the one that ran to the end
             last = tickets[-1][1]
-            row.update(queued=last.get("queued"), admitted=last.get("admitted"),
-                       released=last.get("gone"))
+            row.update(
+                queued=last.get("queued"), admitted=last.get("admitted"), released=last.get("gone")
+            )
         if stamps:
             row.update(job_start=stamps[0], faulted=stamps[1], job_end=stamps[2])
         per_job.append(row)
@@ -263,8 +276,9 @@ def solo_times(jobs: list[tuple[int, float]], workdir: Path) -> list[float]:
     for index, (peak, seconds) in enumerate(jobs):
         began = time.monotonic()
         stamps = workdir / f"solo-{index}.stamps"
-        subprocess.run([sys.executable, "-c", JOB, str(peak), str(seconds), str(stamps)],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-c", JOB, str(peak), str(seconds), str(stamps)], check=True
+        )
         found.append(time.monotonic() - began)
     return found
 
@@ -289,12 +303,15 @@ def breakdown(row: dict) -> dict:
         "admitted_to_job_start": median([j["job_start"] - j["admitted"] for j in jobs]),
         "fault_in": median([j["faulted"] - j["job_start"] for j in jobs]),
         "run_minus_nominal": median([j["job_end"] - j["job_start"] - j["nominal_s"] for j in jobs]),
-        "job_end_to_release": median([j["released"] - j["job_end"] for j in jobs
-                                      if j.get("released")]),
-        "release_to_launcher_exit": median([j["exited"] - j["released"] for j in jobs
-                                            if j.get("released") and j.get("exited")]),
-        "held_minus_nominal": median([j["released"] - j["admitted"] - j["nominal_s"]
-                                      for j in jobs if j.get("released")]),
+        "job_end_to_release": median(
+            [j["released"] - j["job_end"] for j in jobs if j.get("released")]
+        ),
+        "release_to_launcher_exit": median(
+            [j["exited"] - j["released"] for j in jobs if j.get("released") and j.get("exited")]
+        ),
+        "held_minus_nominal": median(
+            [j["released"] - j["admitted"] - j["nominal_s"] for j in jobs if j.get("released")]
+        ),
     }
 
 
@@ -340,8 +357,13 @@ def main() -> int:
         witness.wait()
     nominal = [seconds for _p, seconds in jobs]
     figures: dict = {
-        "jobs": options.jobs, "seed": options.seed, "demand_bytes": demand, "cap_bytes": cap,
-        "load_before": round(load_before, 1), "rows": rows, "solo_s": solo,
+        "jobs": options.jobs,
+        "seed": options.seed,
+        "demand_bytes": demand,
+        "cap_bytes": cap,
+        "load_before": round(load_before, 1),
+        "rows": rows,
+        "solo_s": solo,
         "rule_alone_nominal_s": round(simulate(sizes, nominal, cap), 2),
     }
     if solo is not None:
@@ -352,9 +374,11 @@ def main() -> int:
         print(json.dumps(figures, indent=2))
         return 0
     ideal = rows[0]["ideal_s"] if rows else 0.0
-    print(f"{options.jobs} jobs, seed {options.seed}: peaks sum to {format_size(demand)} "
-          f"({demand / cap:.1f}x the {format_size(cap)} cap); load average {load_before:.1f} "
-          f"before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores")
+    print(
+        f"{options.jobs} jobs, seed {options.seed}: peaks sum to {format_size(demand)} "
+        f"({demand / cap:.1f}x the {format_size(cap)} cap); load average {load_before:.1f} "
+        f"before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores"
+    )
     line = f"ideal (sum peak x duration / cap): {ideal} s from the nominal durations"
     if solo is not None:
         line += f", {rows[0]['ideal_solo_s']} s from each job's measured solo wall time"
@@ -363,15 +387,19 @@ def main() -> int:
     if solo is not None:
         line += f", {figures['rule_alone_solo_s']} s solo"
     print(line)
-    print("| way | jobs lost | OOM kills | peak vs cap | outside touched | makespan | vs ideal "
-          "| vs solo ideal | load |")
+    print(
+        "| way | jobs lost | OOM kills | peak vs cap | outside touched | makespan | vs ideal "
+        "| vs solo ideal | load |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         peak = row["peak_bytes"]
-        print(f"| {row['mode']} | {row['jobs_lost']} | {row['oom_kills']} | "
-              f"{format_size(peak)} / {format_size(cap)} | {row['outside_touched']} | "
-              f"{row['makespan_s']} s | {row['makespan_vs_ideal']}x | "
-              f"{row.get('vs_ideal_solo', '-')}x | {row['load']} |")
+        print(
+            f"| {row['mode']} | {row['jobs_lost']} | {row['oom_kills']} | "
+            f"{format_size(peak)} / {format_size(cap)} | {row['outside_touched']} | "
+            f"{row['makespan_s']} s | {row['makespan_vs_ideal']}x | "
+            f"{row.get('vs_ideal_solo', '-')}x | {row['load']} |"
+        )
         print(f"    CPU: jobs {row['job_cpu_s']} s, launchers {row['launcher_cpu_s']} s")
         for key, value in row.get("breakdown", {}).items():
             print(f"    {key}: {value} s (median)")

@@ -216,11 +216,14 @@ def run_mode(mode: str, jobs: list[tuple[int, float]], cap: int, workdir: Path) 
         tickets = sorted((n, t) for n, t in watcher.seen.items() if t["pid"] == pid)
         stamps_file = workdir / f"{mode}-{index}.stamps"
         stamps = [float(x) for x in stamps_file.read_text().split()] if stamps_file.exists() else []
-        row: dict[str, float | None] = {
+        row: dict[str, object] = {
             "peak": peak,
             "nominal_s": seconds,
             "launched": launched[index],
             "exited": watcher.exited.get(pid),
+            "reason": reports[index]["reason"],
+            "kernel_oom_kills": reports[index].get("oom_kills"),  # the sandbox's own counter
+            "retried_for": reports[index].get("retried_for", []),
         }
         if tickets:  # the last attempt's ticket: the one that ran to the end
             last = tickets[-1][1]
@@ -296,7 +299,25 @@ def breakdown(row: dict) -> dict:
         before = [r for r in releases if j["queued"] < r < j["admitted"]]
         if before:  # it was waiting when a reservation was given back: how long until it knew
             learn.append(j["admitted"] - before[-1])
+    # How full the budget was kept: reserved bytes over time, from the first admission to the
+    # last release, against the cap.
+    events = sorted(
+        [(j["admitted"], j["peak"] + INTERPRETER) for j in jobs if j.get("released")]
+        + [(j["released"], -(j["peak"] + INTERPRETER)) for j in jobs if j.get("released")]
+    )
+    held = area = 0.0
+    for (when, change), (after, _c) in zip(events, events[1:] + events[-1:], strict=True):
+        held += change
+        area += held * (after - when)
+    span = events[-1][0] - events[0][0] if events else 0.0
+    # The ideal again, from how long each job really ran in the crowd (its first line to its
+    # last: the CPU it shared with its neighbours and the host's other work included, the
+    # launcher's start and tear-down not).
+    ran = sum(j["peak"] * (j["job_end"] - j["job_start"]) for j in jobs) / row["cap_bytes"]
     return {
+        "ideal_from_crowd_run_s": round(ran, 2),
+        "vs_ideal_from_crowd_run": round(row["makespan_s"] / ran, 2),
+        "reserved_vs_cap": round(area / span / row["cap_bytes"], 3) if span else None,
         "admission_wait": median([j["admitted"] - j["launched"] for j in jobs]),
         "queued_after_launch": median([j["queued"] - j["launched"] for j in jobs]),
         "release_to_next_admission": median(learn),
@@ -402,7 +423,9 @@ def main() -> int:
         )
         print(f"    CPU: jobs {row['job_cpu_s']} s, launchers {row['launcher_cpu_s']} s")
         for key, value in row.get("breakdown", {}).items():
-            print(f"    {key}: {value} s (median)")
+            unit = {"ideal_from_crowd_run_s": " s"}.get(key, " s (median)")
+            unit = "" if key in ("vs_ideal_from_crowd_run", "reserved_vs_cap") else unit
+            print(f"    {key}: {value}{unit}")
     return 0
 
 

@@ -25,7 +25,6 @@ import json
 import os
 import random
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,12 +37,11 @@ sys.path.insert(0, str(ROOT))
 
 from sandbox.budgets import cgroup as levels_fs  # noqa: E402
 from sandbox.budgets import membership  # noqa: E402
-from sandbox.budgets.admission import Ticket, decide  # noqa: E402
-from sandbox.budgets.model import Caps, Level  # noqa: E402
 from sandbox.cgroups import cgroupfs, tree  # noqa: E402
 from sandbox.core.limits import format_size, parse_size  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from crowd_figures import INTERPRETER, breakdown, simulate  # noqa: E402
 from scale import environment, launcher  # noqa: E402
 
 GIB = 1 << 30
@@ -60,7 +58,6 @@ JOB = (
     "held.close(); end = time.time()\n"
     "open(sys.argv[3], 'w').write(f'{start} {faulted} {end}')\n"
 )
-INTERPRETER = 12 * MIB  # what python itself takes on top of the job's bytes
 
 
 def crowd(count: int, seed: int) -> list[tuple[int, float]]:
@@ -252,27 +249,6 @@ def run_mode(mode: str, jobs: list[tuple[int, float]], cap: int, workdir: Path) 
     }
 
 
-def simulate(sizes: list[int], durations: list[float], cap: int) -> float:
-    """The makespan of the admission rule itself (admission.decide), all queued at 0, with no
-    overhead at all: a run starts the instant decide lets it and holds its size for its duration."""
-    waiting = [Ticket(i + 1, 0, "s", size, 0.0, False, []) for i, size in enumerate(sizes)]
-    running: list[tuple[float, Ticket]] = []
-    now = 0.0
-    while waiting or running:
-        for mine in list(waiting):
-            tickets = [t for _end, t in running] + waiting
-            level = Level("s", None, Caps(cap), 0, None)
-            if decide(mine, tickets, [level]).admitted:
-                waiting.remove(mine)
-                started = Ticket(mine.number, 0, "s", mine.reserve, now, True, [])
-                running.append((now + durations[mine.number - 1], started))
-        if not running:
-            raise ValueError("a job larger than the cap")
-        now = min(end for end, _t in running)
-        running = [(end, t) for end, t in running if end > now]
-    return now
-
-
 def solo_times(jobs: list[tuple[int, float]], workdir: Path) -> list[float]:
     """Each job alone, bare (no sandbox, nothing beside it): its process's wall time."""
     found = []
@@ -284,56 +260,6 @@ def solo_times(jobs: list[tuple[int, float]], workdir: Path) -> list[float]:
         )
         found.append(time.monotonic() - began)
     return found
-
-
-def median(values: list[float]) -> float | None:
-    return round(statistics.median(values), 3) if values else None
-
-
-def breakdown(row: dict) -> dict:
-    """Where mode c's time goes, per job (medians, seconds)."""
-    jobs = [j for j in row["per_job"] if j.get("admitted") and j.get("job_start")]
-    releases = sorted(j["released"] for j in jobs if j.get("released"))
-    learn = []
-    for j in jobs:
-        before = [r for r in releases if j["queued"] < r < j["admitted"]]
-        if before:  # it was waiting when a reservation was given back: how long until it knew
-            learn.append(j["admitted"] - before[-1])
-    # How full the budget was kept: reserved bytes over time, from the first admission to the
-    # last release, against the cap.
-    events = sorted(
-        [(j["admitted"], j["peak"] + INTERPRETER) for j in jobs if j.get("released")]
-        + [(j["released"], -(j["peak"] + INTERPRETER)) for j in jobs if j.get("released")]
-    )
-    held = area = 0.0
-    for (when, change), (after, _c) in zip(events, events[1:] + events[-1:], strict=True):
-        held += change
-        area += held * (after - when)
-    span = events[-1][0] - events[0][0] if events else 0.0
-    # The ideal again, from how long each job really ran in the crowd (its first line to its
-    # last: the CPU it shared with its neighbours and the host's other work included, the
-    # launcher's start and tear-down not).
-    ran = sum(j["peak"] * (j["job_end"] - j["job_start"]) for j in jobs) / row["cap_bytes"]
-    return {
-        "ideal_from_crowd_run_s": round(ran, 2),
-        "vs_ideal_from_crowd_run": round(row["makespan_s"] / ran, 2),
-        "reserved_vs_cap": round(area / span / row["cap_bytes"], 3) if span else None,
-        "admission_wait": median([j["admitted"] - j["launched"] for j in jobs]),
-        "queued_after_launch": median([j["queued"] - j["launched"] for j in jobs]),
-        "release_to_next_admission": median(learn),
-        "admitted_to_job_start": median([j["job_start"] - j["admitted"] for j in jobs]),
-        "fault_in": median([j["faulted"] - j["job_start"] for j in jobs]),
-        "run_minus_nominal": median([j["job_end"] - j["job_start"] - j["nominal_s"] for j in jobs]),
-        "job_end_to_release": median(
-            [j["released"] - j["job_end"] for j in jobs if j.get("released")]
-        ),
-        "release_to_launcher_exit": median(
-            [j["exited"] - j["released"] for j in jobs if j.get("released") and j.get("exited")]
-        ),
-        "held_minus_nominal": median(
-            [j["released"] - j["admitted"] - j["nominal_s"] for j in jobs if j.get("released")]
-        ),
-    }
 
 
 def canary() -> subprocess.Popen[bytes]:

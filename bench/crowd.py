@@ -221,6 +221,8 @@ def run_mode(mode: str, jobs: list[tuple[int, float]], cap: int, workdir: Path) 
             "reason": reports[index]["reason"],
             "kernel_oom_kills": reports[index].get("oom_kills"),  # the sandbox's own counter
             "retried_for": reports[index].get("retried_for", []),
+            "detail": reports[index].get("detail"),
+            "memory_pressure": reports[index].get("memory_pressure"),
         }
         if tickets:  # the last attempt's ticket: the one that ran to the end
             last = tickets[-1][1]

@@ -11,11 +11,14 @@ several times the cap, which stands for the host), all started at once:
   c  the same budget with --reserve (the job's peak) and --attempts 3 (a budget_oom victim
      runs again after admission)
 
-For each: jobs lost (did not finish with exit 0), OOM kills (attempts ended by oom or
-budget_oom), the peak of the parent/budget vs its cap (the kernel's watermark), processes outside
+For each: jobs lost (did not finish with exit 0), OOM kills (by the kernel's OOM killer, retried
+budget_oom victims included), pressure kills (the launcher's --oom-pressure kill: also `oom`),
+the peak of the parent/budget vs its cap (the kernel's watermark), processes outside
 the budget touched (a canary holding 256 MiB beside it, in our own cgroup, must live), and the
-makespan vs the ideal (sum of peak x duration / cap). Run as root on a host with cgroups.
-Every cgroup it makes is removed at the end.
+makespan vs the ideal (sum of peak x duration / cap; from the nominal durations, from each job
+timed alone first, and for c from each job's run time in the crowd), the admission rule
+simulated with no overhead, and for c where the time went, job by job (crowd_figures.py).
+Run as root on a host with cgroups. Every cgroup it makes is removed at the end.
 """
 
 from __future__ import annotations
@@ -205,8 +208,11 @@ def run_mode(mode: str, jobs: list[tuple[int, float]], cap: int, workdir: Path) 
             subprocess.run([*base, "budget", "rm", budget], env=env, stdout=subprocess.DEVNULL)
     reports = [json.loads((workdir / f"{mode}-{i}.json").read_text()) for i in range(len(jobs))]
     lost = sum(1 for r in reports if r["exit_code"] != 0)
-    kills = sum(1 for r in reports if r["reason"] in ("oom", "budget_oom"))
+    # The kernel's OOM killer (the sandbox's own counter) and the launcher's memory-pressure kill
+    # (--oom-pressure: a full parent stalls every member in reclaim), which both end as `oom`.
+    kills = sum(1 for r in reports if r.get("oom_kills") or r["reason"] == "budget_oom")
     kills += sum(1 for r in reports for why in r.get("retried_for", []) if "budget_oom" in why)
+    pressure = sum(1 for r in reports if r.get("memory_pressure") and not r.get("oom_kills"))
     per_job = []
     for index, (peak, seconds) in enumerate(jobs):
         pid = procs[index].pid
@@ -239,6 +245,7 @@ def run_mode(mode: str, jobs: list[tuple[int, float]], cap: int, workdir: Path) 
         "mode": mode,
         "jobs_lost": lost,
         "oom_kills": kills,
+        "pressure_kills": pressure,
         "peak_bytes": peak_seen,
         "cap_bytes": cap,
         "makespan_s": round(makespan, 2),
@@ -337,14 +344,15 @@ def main() -> int:
         line += f", {figures['rule_alone_solo_s']} s solo"
     print(line)
     print(
-        "| way | jobs lost | OOM kills | peak vs cap | outside touched | makespan | vs ideal "
-        "| vs solo ideal | load |"
+        "| way | jobs lost | OOM kills | pressure kills | peak vs cap | outside touched "
+        "| makespan | vs ideal | vs solo ideal | load |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         peak = row["peak_bytes"]
         print(
             f"| {row['mode']} | {row['jobs_lost']} | {row['oom_kills']} | "
+            f"{row['pressure_kills']} | "
             f"{format_size(peak)} / {format_size(cap)} | {row['outside_touched']} | "
             f"{row['makespan_s']} s | {row['makespan_vs_ideal']}x | "
             f"{row.get('vs_ideal_solo', '-')}x | {row['load']} |"

@@ -17,12 +17,17 @@ A launcher holds flock(LOCK_EX) on its ticket from creation to its end. The kern
 lock when the launcher dies, even by SIGKILL, so a reader treats an unlocked ticket as stale and
 removes it: a dead launcher never holds a reservation or a place in the queue.
 
-A waiting run may start when at every level of its budget that has a cap
+A waiting run may start when at every level of its budget that has a cap, with
 
-    cap - max(usage now, reservations of running members) - reservations of earlier waiters >= SIZE
+    free = cap - max(usage now, reservations of running members)
 
-Earlier waiters keep their claim even when they do not fit yet, so the queue is first come, first
-served: a large reservation is never starved by a stream of small ones.
+the earlier waiters served in queue order from `free` (each that fits takes its reservation)
+leave SIZE for it. An earlier waiter that does not fit yet keeps no claim, but may be passed only
+by the WINDOW runs whose tickets come right after its own (bounded backfill): small runs use the
+room a big one cannot use yet, and a big one is passed at most WINDOW times, then the runs behind
+it wait for it, so a stream of small ones never starves it. WINDOW = 0 is strict first come,
+first served; 8 took the crowd benchmark's simulated makespan from 1.23x to 1.15x the ideal on
+average over 30 seeds (no overhead, bench/crowd.py's simulate).
 """
 
 from __future__ import annotations

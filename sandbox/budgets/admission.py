@@ -50,8 +50,9 @@ else:
 
 MAGIC = "aero-sandbox-ticket 1"
 # A waiter looks at the state directory's mtime every POLL_S (one stat: a ticket came, went or
-# was admitted) and decides again when it changed, or every FULL_S anyway (memory freed by a run
-# without a reservation, a ticket whose launcher died): 40 waiters stay cheap on 2 cores.
+# was admitted), decides again without the lock when it changed (Queue.look), and reads every
+# ticket under the lock every FULL_S anyway (memory freed by a run without a reservation, a
+# ticket whose launcher died): 40 waiters stay cheap on 2 cores.
 POLL_S = 0.05
 FULL_S = 1.0
 # How many later runs may start before a run that waits for memory (backfill, bounded): small

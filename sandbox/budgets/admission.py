@@ -87,13 +87,8 @@ class Verdict(Frozen):
 def decide(
     mine: Ticket, tickets: list[Ticket], chain: list[Level], window: int = WINDOW
 ) -> Verdict:
-    """Whether `mine` may start now (pure: the caller holds the lock and read the kernel).
-
-    At each level with a cap, the waiters ahead are served in order, each taking its reservation
-    from what is free; one that does not fit waits, and a later run may pass it (start first)
-    only if its ticket number is at most `window` after the waiting one's: a run is passed by at
-    most `window` runs that queued after it, and then the runs behind it wait for it (window 0
-    is strict first come, first served)."""
+    """Whether `mine` may start now (pure: the caller holds the lock and read the kernel). The
+    rule is the module's: queue order, a waiter that does not fit passed at most `window` times."""
     for level in chain:
         cap = level.caps.memory_bytes
         if cap is None:

@@ -132,7 +132,8 @@ OPTIONS = (
         "reserve",
         "SIZE",
         "AERO_RESERVE",
-        "start only once the budget can take SIZE more (first come, first served) [none; "
+        "start only once the budget can take SIZE more (in queue order; at most 8 later runs "
+        "may pass a waiting one) [none; "
         "--preset agent: a typical peak per command]",
     ),
     Option(

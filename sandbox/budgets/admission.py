@@ -17,12 +17,17 @@ A launcher holds flock(LOCK_EX) on its ticket from creation to its end. The kern
 lock when the launcher dies, even by SIGKILL, so a reader treats an unlocked ticket as stale and
 removes it: a dead launcher never holds a reservation or a place in the queue.
 
-A waiting run may start when at every level of its budget that has a cap
+A waiting run may start when at every level of its budget that has a cap, with
 
-    cap - max(usage now, reservations of running members) - reservations of earlier waiters >= SIZE
+    free = cap - max(usage now, reservations of running members)
 
-Earlier waiters keep their claim even when they do not fit yet, so the queue is first come, first
-served: a large reservation is never starved by a stream of small ones.
+the earlier waiters served in queue order from `free` (each that fits takes its reservation)
+leave SIZE for it. An earlier waiter that does not fit yet keeps no claim, but may be passed only
+by the WINDOW runs whose tickets come right after its own (bounded backfill): small runs use the
+room a big one cannot use yet, and a big one is passed at most WINDOW times, then the runs behind
+it wait for it, so a stream of small ones never starves it. WINDOW = 0 is strict first come,
+first served; 8 took the crowd benchmark's simulated makespan from 1.23x to 1.15x the ideal on
+average over 30 seeds (no overhead, bench/crowd.py's simulate).
 """
 
 from __future__ import annotations
@@ -45,10 +50,14 @@ else:
 
 MAGIC = "aero-sandbox-ticket 1"
 # A waiter looks at the state directory's mtime every POLL_S (one stat: a ticket came, went or
-# was admitted) and decides again when it changed, or every FULL_S anyway (memory freed by a run
-# without a reservation, a ticket whose launcher died): 40 waiters stay cheap on 2 cores.
+# was admitted), decides again without the lock when it changed (Queue.look), and reads every
+# ticket under the lock every FULL_S anyway (memory freed by a run without a reservation, a
+# ticket whose launcher died): 40 waiters stay cheap on 2 cores.
 POLL_S = 0.05
 FULL_S = 1.0
+# How many later runs may start before a run that waits for memory (backfill, bounded): small
+# runs fill the room a big one cannot use yet, and the big one is passed at most WINDOW times.
+WINDOW = 8
 
 
 class Ticket(Frozen):
@@ -75,8 +84,11 @@ class Verdict(Frozen):
     free: int | None
 
 
-def decide(mine: Ticket, tickets: list[Ticket], chain: list[Level]) -> Verdict:
-    """Whether `mine` may start now (pure: the caller holds the lock and read the kernel)."""
+def decide(
+    mine: Ticket, tickets: list[Ticket], chain: list[Level], window: int = WINDOW
+) -> Verdict:
+    """Whether `mine` may start now (pure: the caller holds the lock and read the kernel). The
+    rule is the module's: queue order, a waiter that does not fit passed at most `window` times."""
     for level in chain:
         cap = level.caps.memory_bytes
         if cap is None:
@@ -88,7 +100,14 @@ def decide(mine: Ticket, tickets: list[Ticket], chain: list[Level]) -> Verdict:
             if not t.running and t.number < mine.number and within(t.budget, level.name)
         ]
         free = cap - max(level.usage_bytes or 0, held)
-        if free - sum(t.reserve for t in earlier) < mine.reserve:
+        left = free
+        waiting: list[int] = []  # the numbers of the runs ahead that do not fit now
+        for ahead in earlier:
+            if ahead.reserve <= left and all(ahead.number - n <= window for n in waiting):
+                left -= ahead.reserve  # it starts now too (or as soon as it looks): its claim
+            else:
+                waiting.append(ahead.number)
+        if mine.reserve > left or any(mine.number - n > window for n in waiting):
             return Verdict(False, level.name, len(earlier), max(0, free))
     return Verdict(True, None, 0, None)
 
@@ -152,28 +171,31 @@ def read_tickets(state: str, remove_stale: bool = True) -> list[Ticket]:
     except OSError:
         return []
     for name in names:
-        if not name.startswith(("w-", "r-")):
-            continue
-        path = os.path.join(state, name)
-        opened = files.read_own(path)
-        if opened is None:
-            continue
-        fd, text = opened
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            ticket = parse(text, path)  # its launcher holds it: live
+        if name.startswith(("w-", "r-")):
+            ticket = _read_live(os.path.join(state, name), remove_stale)
             if ticket is not None:
                 found.append(ticket)
-            continue
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-        if remove_stale:
-            files.unlink(path)  # no launcher holds it: it died
     found.sort(key=lambda t: t.number)
     return found
+
+
+def _read_live(path: str, remove_stale: bool) -> Ticket | None:
+    """The ticket at `path` if its launcher still holds it; a stale one is removed if asked."""
+    opened = files.read_own(path)
+    if opened is None:
+        return None
+    fd, text = opened
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return parse(text, path)  # its launcher holds it: live
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if remove_stale:
+        files.unlink(path)  # no launcher holds it: it died
+    return None
 
 
 class Queue:
@@ -184,6 +206,7 @@ class Queue:
         self.members_fds: list[int] = []
         self.ticket_fd: int | None = None
         self.ticket_path: str | None = None
+        self.known: dict[str, Ticket] = {}  # file name -> its ticket, for look()
 
     # membership: a shared lock on each level for the run's whole life ------------------------
     def join(self, levels: list[str]) -> None:
@@ -237,6 +260,42 @@ class Queue:
         finally:
             os.close(lock)
 
+    def look(self, mine: Ticket, read_chain: Callable[[], list[Level]]) -> Verdict:
+        """The decision without the lock, on the names in the directory now and the tickets as
+        read before (a ticket's contents never change; only new ones are opened): 0.1 ms of CPU
+        with 40 tickets, against 1.6 ms for try_admit's locked read of every ticket, which 40
+        waiters woken by each change would pay one after the other. Only try_admit admits."""
+        try:
+            names = os.listdir(self.state)
+        except OSError:
+            names = []
+        known: dict[str, Ticket] = {}
+        for name in names:
+            if not name.startswith(("w-", "r-")):
+                continue
+            ticket = self.known.get(name)
+            if ticket is None:
+                path = os.path.join(self.state, name)
+                before = self.known.get(("r-" if name[0] == "w" else "w-") + name[2:])
+                if before is None:
+                    ticket = _read_live(path, remove_stale=False)
+                else:  # renamed when it was admitted
+                    ticket = Ticket(
+                        before.number,
+                        before.pid,
+                        before.budget,
+                        before.reserve,
+                        before.started,
+                        name[0] == "r",
+                        before.argv,
+                        path,
+                    )
+            if ticket is not None:
+                known[name] = ticket
+        self.known = known
+        tickets = sorted(known.values(), key=lambda t: t.number)
+        return decide(mine, tickets, read_chain())
+
     def release(self) -> None:
         """Give the reservation back (the run ended, or never started)."""
         if self.ticket_path is not None:
@@ -264,9 +323,16 @@ def wait_for_admission(
     verdict: Verdict | None = None
     while True:
         stamp = _stamp(queue.state)
-        if verdict is None or stamp != seen or time.monotonic() - decided >= FULL_S:
-            seen, decided = stamp, time.monotonic()
+        now = time.monotonic()
+        if verdict is None or now - decided >= FULL_S:
+            seen, decided = stamp, now
             verdict = queue.try_admit(mine, read_chain)
+        elif stamp != seen:
+            seen = stamp
+            verdict = queue.look(mine, read_chain)
+            if verdict.admitted:  # it looks like our turn: decide for real, under the lock
+                decided = now
+                verdict = queue.try_admit(mine, read_chain)
         if verdict.admitted:
             return time.monotonic() - start
         if not said:

@@ -58,14 +58,46 @@ def test_usage_above_reservations_counts() -> None:
     assert not found.admitted and found.free == G and found.level == "agents"
 
 
-def test_first_come_first_served_a_big_one_is_not_starved() -> None:
+def test_window_0_is_strict_first_come_first_served() -> None:
     # A 3G waiter ahead cannot fit in 2G free; a 1G one behind it would, but waits its turn.
     big, small = ticket(2, 3 * G), ticket(3, 1 * G)
     tickets = [ticket(1, 2 * G, True), big, small]
     chain = [level("agents", 4 * G)]
-    assert not decide(big, tickets, chain).admitted
-    found = decide(small, tickets, chain)
+    assert not decide(big, tickets, chain, window=0).admitted
+    found = decide(small, tickets, chain, window=0)
     assert not found.admitted and found.ahead == 1
+
+
+def test_a_small_run_passes_a_big_one_that_cannot_start_yet() -> None:
+    # Backfill: the 1G run uses room the 3G one cannot use yet.
+    big, small = ticket(2, 3 * G), ticket(3, 1 * G)
+    tickets = [ticket(1, 2 * G, True), big, small]
+    chain = [level("agents", 4 * G)]
+    assert not decide(big, tickets, chain).admitted
+    assert decide(small, tickets, chain).admitted
+
+
+def test_a_waiting_run_is_passed_at_most_window_times() -> None:
+    # Only runs that queued within WINDOW tickets after the big one may pass it: the stream of
+    # small ones behind them waits for it, so it is never starved.
+    window = admission.WINDOW
+    big = ticket(2, 3 * G)
+    near, far = ticket(2 + window, G // 4), ticket(3 + window, G // 4)
+    tickets = [ticket(1, 2 * G, True), big, near, far]
+    chain = [level("agents", 4 * G)]
+    assert decide(near, tickets, chain).admitted
+    found = decide(far, tickets, chain)
+    assert not found.admitted and found.ahead == 2 and found.free == 2 * G
+
+
+def test_earlier_runs_that_fit_keep_their_claim() -> None:
+    # 2G free: the 1.5G run ahead fits and starts first; the 1G run behind it must not take its
+    # room although the 3G head waits (the passes go in queue order).
+    first, second = ticket(3, 3 * G // 2), ticket(4, 1 * G)
+    tickets = [ticket(1, 2 * G, True), ticket(2, 3 * G), first, second]
+    chain = [level("agents", 4 * G)]
+    assert decide(first, tickets, chain).admitted
+    assert not decide(second, tickets, chain).admitted
 
 
 def test_other_budgets_waiters_do_not_block() -> None:
@@ -81,6 +113,29 @@ def test_nested_the_outer_cap_also_applies() -> None:
     chain = [level("agents", 4 * G), level("agents/b", 12 * G)]
     found = decide(mine, tickets, chain)
     assert not found.admitted and found.level == "agents"
+
+
+def test_look_decides_like_the_locked_read_without_admitting(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    state = str(tmp_path)
+    os.chmod(state, 0o700)
+    chain = [level("b", 2 * G)]
+    first, second = admission.Queue(state), admission.Queue(state)
+    try:
+        one = first.enqueue("b", 3 * G // 2, ["a"])
+        two = second.enqueue("b", G, ["b"])
+        assert not second.look(two, lambda: chain).admitted  # the first one's claim counts
+        assert first.look(one, lambda: chain).admitted
+        assert first.ticket_path is not None and "/w-" in first.ticket_path  # look admits nobody
+        assert first.try_admit(one, lambda: chain).admitted and "/r-" in first.ticket_path
+        # The renamed ticket is known without reading it again, and now runs: 0.5G free.
+        found = second.look(two, lambda: chain)
+        assert not found.admitted and found.free == G // 2
+        assert sorted(t.running for t in second.known.values()) == [False, True]
+        first.leave()
+        assert second.look(two, lambda: chain).admitted
+    finally:
+        first.leave()
+        second.leave()
 
 
 def test_a_reservation_no_cap_can_hold_is_refused() -> None:

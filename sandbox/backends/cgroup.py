@@ -107,7 +107,11 @@ class CgroupBackend:
             if self.pids is not None and limits.pids is not None:
                 self.pids.set_pids(limits.pids)
             # PSI is accounted in the v2 directory, with or without controllers (hybrid too).
-            self._pressure = pressure.watch(self.v2.path if self.v2 else None, limits)
+            self._pressure = pressure.watch(
+                self.v2.path if self.v2 else None,
+                limits,
+                memory_dir=self.memory.path if self.memory else None,
+            )
         except BaseException:
             self.remove()
             raise

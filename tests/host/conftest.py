@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
 
 import pytest
 
+from sandbox.cgroups import cgroupfs
 from sandbox.cgroups.enclosing import own_memory_cgroup
 from sandbox.core import identity
 from tests.conftest import sandbox_cgroups, wait_until
@@ -63,3 +66,32 @@ def _foreign_launcher(path: str) -> bool:
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+@pytest.fixture
+def shared_parent() -> Iterator[str]:
+    """A 300M v1 memory cgroup below ours that two launchers run in, so that their sandboxes are
+    siblings under one shared limit (v1 lets a cgroup hold processes and children at once)."""
+    # Properties of this run, not capabilities the host lacks: skipped, never failed.
+    if os.geteuid() != 0:
+        pytest.skip("root only: makes a cgroup next to the test's own")
+    own = next(
+        (h.own for h in cgroupfs.discover() if h.version == 1 and "memory" in h.controllers),
+        None,
+    )
+    if own is None:
+        # On v2 a cgroup with children holds no processes: the launchers could not run in it.
+        pytest.skip("v1 only: launchers run in a parent cgroup beside their sandboxes")
+    parent = os.path.join(own, f"aero-test-shared-{os.getpid()}-{os.urandom(2).hex()}")
+    os.mkdir(parent)
+    try:
+        cgroupfs.write(parent + "/memory.limit_in_bytes", str(300 << 20))
+        yield parent
+    finally:
+        for top, _dirs, _files in os.walk(parent, topdown=False):
+            for _attempt in range(100):  # the launchers' last exits may still be settling
+                try:
+                    os.rmdir(top)
+                    break
+                except OSError:
+                    time.sleep(0.05)

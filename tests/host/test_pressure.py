@@ -9,13 +9,22 @@ the kernel can always drop and read back, so the OOM killer never fires. Here a 
 from __future__ import annotations
 
 import resource
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import need, need_kernel_sandbox, read_report, run_launcher
+from sandbox.cgroups import cgroupfs
+from tests.conftest import (
+    LAUNCHER,
+    launcher_env,
+    need,
+    need_kernel_sandbox,
+    read_report,
+    run_launcher,
+)
 
 PY = sys.executable
 
@@ -110,3 +119,56 @@ def test_the_watch_costs_no_cpu_while_the_sandbox_runs_well() -> None:
     assert proc.returncode == 0, proc.stderr
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert cpu < 0.8, f"launcher and sleep used {cpu:.2f} s of CPU in a 3 s run"
+
+
+# Holds 20 MiB and rereads a 30 MiB file for 20 s: it stalls whenever a full shared limit has
+# pushed its pages out, yet it fills nothing.
+NEIGHBOUR = """
+import os, sys, time
+path = sys.argv[1]
+with open(path, "wb") as f:
+    f.write(os.urandom(30 << 20))
+anon = bytearray(20 << 20)
+anon[::4096] = b"x" * len(anon[::4096])
+end = time.monotonic() + 20
+while time.monotonic() < end:
+    with open(path, "rb") as f:
+        while f.read(1 << 20):
+            pass
+"""
+
+
+def test_only_the_sandbox_that_fills_a_shared_limit_is_ended_for_pressure(
+    tmp_path: Path, shared_parent: str
+) -> None:
+    """Two sandboxes, --mem 1G each, under one 200M parent: A thrashes it, B only stalls beside
+    A. Each launcher watches its own sandbox's stall; deciding on that alone ended both (a full
+    budget lost 32 of 40 jobs so in bench/crowd.py). A, holding most of the parent, ends as oom;
+    B runs to its end."""
+    need(_psi_here(), "this kernel has no PSI (/proc/pressure/memory): no pressure watch")
+    cgroupfs.write(shared_parent + "/memory.limit_in_bytes", str(200 << 20))
+
+    def start(name: str, code: str) -> subprocess.Popen[bytes]:
+        argv = [*LAUNCHER, "--mem", "1G", "--oom-pressure", "15%/3s", "--timeout", "90"]
+        argv += ["--report", str(tmp_path / f"{name}.json"), "--", PY, "-c", code]
+        return subprocess.Popen(
+            [*argv, str(tmp_path / f"{name}.pages")],
+            env=launcher_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=lambda: cgroupfs.write(shared_parent + "/cgroup.procs", "0"),
+        )
+
+    b = start("b", NEIGHBOUR)
+    try:
+        a = start("a", THRASH)
+        try:
+            assert a.wait(120) == 137
+        finally:
+            a.kill()
+        assert b.wait(60) == 0
+    finally:
+        b.kill()
+    a_data, b_data = read_report(tmp_path / "a.json"), read_report(tmp_path / "b.json")
+    assert a_data["reason"] == "oom" and a_data["memory_pressure"] is not None, a_data
+    assert b_data["reason"] == "exited" and b_data["memory_pressure"] is None, b_data

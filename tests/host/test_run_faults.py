@@ -126,31 +126,6 @@ def _v1_memory() -> str | None:
     return next(found, None)
 
 
-@pytest.fixture
-def shared_parent() -> object:
-    """A 300M v1 memory cgroup below ours that two launchers run in, so that their sandboxes are
-    siblings under one shared limit (v1 lets a cgroup hold processes and children at once)."""
-    # Properties of this run, not capabilities the host lacks: skipped, never failed.
-    if os.geteuid() != 0:
-        pytest.skip("root only: makes a cgroup next to the test's own")
-    own = _v1_memory()
-    if own is None:
-        pytest.skip("v1 only: on v2, memory.oom.group confines an OOM to the cgroup it hit")
-    parent = os.path.join(own, f"aero-test-shared-{os.getpid()}-{os.urandom(2).hex()}")
-    os.mkdir(parent)
-    try:
-        cgroupfs.write(parent + "/memory.limit_in_bytes", str(300 << 20))
-        yield parent
-    finally:
-        for top, _dirs, _files in os.walk(parent, topdown=False):
-            for _attempt in range(100):  # the launchers' last exits may still be settling
-                try:
-                    os.rmdir(top)
-                    break
-                except OSError:
-                    time.sleep(0.05)
-
-
 def test_an_oom_in_a_shared_parent_kills_only_the_sandbox_it_hit(
     tmp_path: Path, shared_parent: str
 ) -> None:

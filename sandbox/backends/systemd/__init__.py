@@ -81,7 +81,9 @@ class SystemdBackend:
         self.scope = v2.Cgroup(scope.start(self._bus, self.unit, properties, self.slice))
         self.command = scope.arrange(self.scope.path, pid, self._holder.pid)
         self._check_limits(self.scope, self._limits)
-        self._pressure = pressure.watch(self.command.path, self._limits)
+        self._pressure = pressure.watch(
+            self.command.path, self._limits, memory_dir=self.scope.path
+        )
         self.tick_s = self._pressure.tick_s if self._pressure else None
         assert self._release is not None
         os.write(self._release[1], b"g")

@@ -39,7 +39,6 @@ SYSTEMD_RUNS = "/run/systemd/system"
 TOP = "aero.slice"  # systemd's parent of every aero-<segment>.slice
 DESCRIPTION = "aero-sandbox budget "
 INFINITY = 2**64 - 1  # systemd's "infinity" for MemoryMax/TasksMax
-_SLICE = b"org.freedesktop.systemd1.Slice"
 _UNIT = b"org.freedesktop.systemd1.Unit"
 
 
@@ -87,11 +86,14 @@ def tree(bus: Bus) -> list[Hierarchy]:
 
 
 def ensure(bus: Bus, places: list[Hierarchy], parts: tuple[str, ...]) -> list[str]:
-    """Start every missing level (uncapped; set_caps caps it); return the cgroups made."""
+    """Start every missing level (uncapped; set_caps caps it); return the cgroups made.
+
+    A level is there when its cgroup is: asking systemd about a unit by its object path
+    loads it, and a loaded slice can no longer be started as a transient one."""
     made = []
     for depth, unit in enumerate(slice_names(parts), 1):
         path = levels_fs.level_dir(places[0], parts[:depth])
-        if _active(bus, unit):
+        if os.path.isdir(path):  # started (by us, another launcher, or an admin)
             continue
         name = "/".join(parts[:depth])
         properties: list[tuple[str, object]] = [
@@ -104,7 +106,7 @@ def ensure(bus: Bus, places: list[Hierarchy], parts: tuple[str, ...]) -> list[st
             result = bus.start_scope(unit, properties)  # StartTransientUnit: any unit type
         except SandboxError:
             result = "refused"  # another launcher may have started it a moment ago
-        if result != "done" and not _active(bus, unit):
+        if result != "done" and not os.path.isdir(path):
             raise SandboxError(
                 f"systemd could not start {unit} for budget {name}: its job ended {result!r}",
                 f"see `journalctl -b -u {unit}`",
@@ -175,10 +177,6 @@ def _stop_top_when_empty(bus: Bus, places: list[Hierarchy]) -> None:
         return
     if not busy and not bus.unit_property(TOP, _UNIT, b"FragmentPath", b"s"):
         bus.stop_unit(TOP)
-
-
-def _active(bus: Bus, unit: str) -> bool:
-    return bus.unit_property(unit, _UNIT, b"ActiveState", b"s") in ("active", "activating")
 
 
 def watch(name: str, places: list[Hierarchy], parts: tuple[str, ...]) -> BudgetWatch:

@@ -1,4 +1,8 @@
-"""Budgets and admission against the real kernel (issue 14). Each test removes its budgets."""
+"""Budgets and admission against the real kernel (issue 14). Each test removes its budgets.
+
+The cgroup backend's budgets (aero-budget-* cgroups): every launcher here runs with
+AERO_BACKEND=cgroup, so that where systemd runs (the VM stage) they are not systemd's slices,
+which tests/vm/test_budgets_vm.py covers."""
 
 from __future__ import annotations
 
@@ -38,6 +42,10 @@ VICTIM = (
 M = 1 << 20
 
 
+def cgroup_env(**extra: str) -> dict[str, str]:
+    return launcher_env(AERO_BACKEND="cgroup", **extra)
+
+
 _can_make: tuple[bool, str] | None = None
 
 
@@ -51,8 +59,8 @@ def kernel_sandbox() -> None:
     need_kernel_sandbox()
     if _can_make is None:
         name = f"probe{os.getpid()}"
-        made = run_launcher(["budget", "set", name, "--mem", "64M"], timeout=60)
-        run_launcher(["budget", "rm", name], timeout=60)
+        made = run_launcher(["budget", "set", name, "--mem", "64M"], timeout=60, env=cgroup_env())
+        run_launcher(["budget", "rm", name], timeout=60, env=cgroup_env())
         _can_make = (made.returncode == 0, f"cannot make a budget here: {made.stderr.strip()}")
     need(*_can_make)
 
@@ -62,7 +70,7 @@ def budget() -> Iterator[str]:
     """A fresh budget name for the test; it and everything below it are removed at the end."""
     name = f"t{os.getpid()}-{time.monotonic_ns() % 10**6}"
     yield name
-    run_launcher(["budget", "rm", name], timeout=30)
+    run_launcher(["budget", "rm", name], timeout=30, env=cgroup_env())
     assert not _budget_dirs(name), "budget cgroups left behind"
 
 
@@ -74,13 +82,13 @@ def _budget_dirs(name: str) -> list[str]:
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run_launcher(list(args), timeout=120, env=env)
+    return run_launcher(list(args), timeout=120, env=env or cgroup_env())
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*LAUNCHER, *args],
-        env=env or launcher_env(),
+        env=env or cgroup_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -148,7 +156,7 @@ def test_missing_budget_is_125_with_the_command_that_makes_it(budget: str) -> No
 
 
 def test_budget_mem_creates_the_budget_once(budget: str, tmp_path: Path) -> None:
-    env = launcher_env(AERO_BUDGET=f"{budget}/agent-1", AERO_BUDGET_MEM="200M")
+    env = cgroup_env(AERO_BUDGET=f"{budget}/agent-1", AERO_BUDGET_MEM="200M")
     proc = cli("--report", str(tmp_path / "r.json"), "--", "cat", "/proc/self/cgroup", env=env)
     assert proc.returncode == 0, proc.stderr
     assert f"aero-budget-{budget}/aero-budget-agent-1/aero-sandbox-" in proc.stdout
@@ -416,7 +424,7 @@ def test_an_admins_root_holds_the_budgets_and_gc_leaves_it(budget: str) -> None:
                 os.mkdir(path)
                 made.append(path)
     root = os.path.join(memory.mount, relative)
-    env = launcher_env(AERO_BUDGET_ROOT=root)
+    env = cgroup_env(AERO_BUDGET_ROOT=root)
     try:
         assert cli("budget", "set", budget, "--mem", "128M", env=env).returncode == 0
         proc = cli("--budget", budget, "--", "cat", "/proc/self/cgroup", env=env)

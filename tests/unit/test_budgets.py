@@ -204,3 +204,48 @@ def test_v2_budget_watch_tells_a_budget_oom_from_its_own(tmp_path) -> None:  # t
     own = BudgetWatch("a/b", [("a", str(outer)), ("a/b", str(inner))], 2)
     (sandbox / "memory.events.local").write_text("max 5\noom 1\noom_kill 2\n")
     assert own.classify(str(sandbox), 2) == "oom"  # its own memory.max; no level ran out since
+
+
+# -- the systemd backend's slices (budgets/slices.py) ---------------------------------------------
+def test_slice_names_nest_by_level_and_escape_a_dash_in_a_segment() -> None:
+    from sandbox.budgets.model import slice_names, slice_segments
+
+    assert slice_names(("agents", "agent-17")) == [
+        "aero-agents.slice",
+        "aero-agents-agent\\x2d17.slice",
+    ]
+    assert slice_names(("a.b_c",)) == ["aero-a.b_c.slice"]
+    for parts in (("agents",), ("agents", "agent-17"), ("x-1", "y-2", "z")):
+        assert slice_segments(slice_names(parts)[-1]) == parts
+    for foreign in ("aero.slice", "user-1000.slice", "aero-.slice", "aero-a--b.slice",
+                    "aero-x.scope", "aero-_a.slice"):  # fmt: skip
+        assert slice_segments(foreign) is None, foreign
+
+
+def test_slice_levels_are_the_cgroups_systemd_makes() -> None:
+    from sandbox.budgets import cgroup as levels_fs
+    from sandbox.budgets.model import SLICES
+    from sandbox.cgroups.cgroupfs import Hierarchy
+
+    top = "/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/aero.slice"
+    place = Hierarchy(2, "/sys/fs/cgroup", frozenset({"memory", "pids", SLICES}), top)
+    assert levels_fs.level_dir(place, ("agents", "agent-17")) == (
+        f"{top}/aero-agents.slice/aero-agents-agent\\x2d17.slice"
+    )
+
+
+def test_own_limit_on_the_scope_is_oom_not_budget_oom(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The systemd backend holds --mem on the scope, above <scope>/command."""
+    from sandbox.budgets.oom import BudgetWatch
+
+    level, scope, command = (tmp_path / n for n in ("level", "scope", "scope/command"))
+    for path in (level, scope, command):
+        path.mkdir()
+        (path / "memory.events.local").write_text("oom 0\noom_kill 0\n")
+    watch = BudgetWatch("a", [("a", str(level))], 2)
+    (scope / "memory.events.local").write_text("max 2\noom 1\noom_kill 0\n")
+    (command / "memory.events.local").write_text("oom 0\noom_kill 1\n")
+    assert watch.classify(str(command), 2, own_limit=str(scope)) == "oom"
+    (scope / "memory.events.local").write_text("oom 0\noom_kill 0\n")
+    (level / "memory.events.local").write_text("oom 1\noom_kill 0\n")
+    assert watch.classify(str(command), 2, own_limit=str(scope)) == "budget_oom"

@@ -21,6 +21,7 @@ Needs pure cgroup v2 (systemd 244+ for the user manager's memory/pids delegation
 from __future__ import annotations
 
 import os
+import time
 
 from sandbox.budgets import cgroup as levels_fs
 from sandbox.budgets.model import SLICES, Caps, levels, slice_names, slice_segments
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
 SYSTEMD_RUNS = "/run/systemd/system"
 TOP = "aero.slice"  # systemd's parent of every aero-<segment>.slice
 DESCRIPTION = "aero-sandbox budget "
-INFINITY = 2**64 - 1  # systemd's "infinity" for MemoryMax/TasksMax
+INFINITY = 2**64 - 1
+APPLY_WAIT_S = 2.0  # systemd's "infinity" for MemoryMax/TasksMax
 _UNIT = b"org.freedesktop.systemd1.Unit"
 
 
@@ -129,7 +131,13 @@ def set_caps(bus: Bus, places: list[Hierarchy], parts: tuple[str, ...], caps: Ca
     tasks = INFINITY if caps.pids is None else caps.pids
     wanted: list[tuple[str, object]] = [("MemoryMax", memory), ("TasksMax", tasks)]
     bus.manager("SetUnitProperties", b"sb", [unit.encode(), True], wanted)  # runtime
+    # systemd writes the cgroup files when it next realizes the unit's cgroup, which may come
+    # after its reply: read them back for a bounded moment.
+    deadline = time.monotonic() + APPLY_WAIT_S
     found = levels_fs.read_level(places, parts).caps
+    while found != caps and time.monotonic() < deadline:
+        time.sleep(0.02)
+        found = levels_fs.read_level(places, parts).caps
     if found != caps:
         raise SandboxError(
             f"systemd did not apply the caps of {unit}: memory {found.memory_bytes}, "

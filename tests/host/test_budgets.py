@@ -25,7 +25,6 @@ from tests.conftest import (
     launcher_env,
     need,
     need_kernel_sandbox,
-    run_launcher,
     wait_until,
 )
 
@@ -42,8 +41,45 @@ VICTIM = (
 M = 1 << 20
 
 
+# A user under systemd (the VM stage's aero) may write no cgroup its launchers start in: the
+# budgets go below one scope systemd delegates to the user (AERO_BUDGET_ROOT), and every launcher
+# runs in a delegated scope of its own, so that it may move its sandbox there (delegated_root).
+USER_UNDER_SYSTEMD = os.geteuid() != 0 and os.path.isdir("/run/systemd/system")
+DELEGATED_SCOPE = ["systemd-run", "--user", "--quiet", "--scope", "-p", "Delegate=yes", "--"]
+_root: dict[str, str] = {}  # AERO_BUDGET_ROOT for a user under systemd
+
+
 def cgroup_env(**extra: str) -> dict[str, str]:
-    return launcher_env(AERO_BACKEND="cgroup", **extra)
+    return launcher_env(AERO_BACKEND="cgroup", **{**_root, **extra})
+
+
+def launcher() -> list[str]:
+    return (DELEGATED_SCOPE if USER_UNDER_SYSTEMD else []) + LAUNCHER
+
+
+@pytest.fixture(scope="module", autouse=True)
+def delegated_root() -> Iterator[None]:
+    """For a user under systemd: a delegated user scope, held by a `sleep` in its leaf `holder`,
+    with memory and pids enabled for the budgets below it."""
+    if not USER_UNDER_SYSTEMD:
+        yield
+        return
+    holder = subprocess.Popen(
+        DELEGATED_SCOPE + ["sleep", "3600"], start_new_session=True, stdin=subprocess.DEVNULL
+    )
+    try:
+        own = f"/proc/{holder.pid}/cgroup"
+        assert wait_until(lambda: ".scope" in Path(own).read_text(), timeout=30)
+        scope = "/sys/fs/cgroup" + Path(own).read_text().strip().partition("::")[2]
+        os.mkdir(scope + "/holder")
+        Path(scope, "holder", "cgroup.procs").write_text(str(holder.pid))
+        Path(scope, "cgroup.subtree_control").write_text("+memory +pids")
+        _root["AERO_BUDGET_ROOT"] = scope
+        yield
+    finally:
+        _root.clear()
+        holder.kill()
+        holder.wait(timeout=30)
 
 
 _can_make: tuple[bool, str] | None = None
@@ -53,15 +89,11 @@ _can_make: tuple[bool, str] | None = None
 def kernel_sandbox() -> None:
     """Budgets need cgroups this launcher may create (root, or a delegated subtree)."""
     global _can_make
-    if os.geteuid() != 0 and os.path.isdir("/run/systemd/system"):
-        # A user's launcher runs in a cgroup of systemd's that it may not write: its budgets are
-        # slices of the user's manager there (tests/vm/test_budgets_vm.py runs them as aero).
-        pytest.skip("as a user under systemd, budgets are the user manager's slices (tests/vm)")
     need_kernel_sandbox()
     if _can_make is None:
         name = f"probe{os.getpid()}"
-        made = run_launcher(["budget", "set", name, "--mem", "64M"], timeout=60, env=cgroup_env())
-        run_launcher(["budget", "rm", name], timeout=60, env=cgroup_env())
+        made = cli("budget", "set", name, "--mem", "64M")
+        cli("budget", "rm", name)
         _can_make = (made.returncode == 0, f"cannot make a budget here: {made.stderr.strip()}")
     need(*_can_make)
 
@@ -71,7 +103,7 @@ def budget() -> Iterator[str]:
     """A fresh budget name for the test; it and everything below it are removed at the end."""
     name = f"t{os.getpid()}-{time.monotonic_ns() % 10**6}"
     yield name
-    run_launcher(["budget", "rm", name], timeout=30, env=cgroup_env())
+    cli("budget", "rm", name)
     assert not _budget_dirs(name), "budget cgroups left behind"
 
 
@@ -83,12 +115,12 @@ def _budget_dirs(name: str) -> list[str]:
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run_launcher(list(args), timeout=120, env=env or cgroup_env())
+    return communicate(start(*args, env=env), 120)
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*LAUNCHER, *args],
+        [*launcher(), *args],
         env=env or cgroup_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -376,7 +408,7 @@ def test_gc_removes_empty_budgets_only(budget: str) -> None:
     names = [r["name"] for r in json.loads(cli("budget", "list", "--json").stdout)]
     assert not [n for n in names if n.startswith(budget)]
     # gc never removes the cgroup budgets live below (ours, or an admin's AERO_BUDGET_ROOT).
-    for place in levels_fs.bases():
+    for place in levels_fs.bases(_root.get("AERO_BUDGET_ROOT")):
         assert os.path.isdir(place.own)
 
 
@@ -408,12 +440,15 @@ def test_doctor_shows_budgets_and_where_they_live(budget: str) -> None:
     found = json.loads(cli("doctor", "--json").stdout)
     check = next(c for c in found["checks"] if c["name"] == "budgets")
     assert budget in [row["name"] for row in check["details"]["budgets"]]
-    assert check["details"]["where"] == levels_fs.memory_base(levels_fs.bases()).own
+    where = levels_fs.bases(_root.get("AERO_BUDGET_ROOT"))
+    assert check["details"]["where"] == levels_fs.memory_base(where).own
 
 
 def test_an_admins_root_holds_the_budgets_and_gc_leaves_it(budget: str) -> None:
     """AERO_BUDGET_ROOT (budget set --root): an admin-made cgroup, the same path below each
     mount, holds the budgets; gc removes the empty budget, never the admin's cgroup."""
+    if USER_UNDER_SYSTEMD:
+        pytest.skip("an admin's cgroup: made by root (as a user, delegated_root plays one)")
     memory = levels_fs.memory_base(levels_fs.bases())
     relative = os.path.relpath(memory.own, memory.mount) + f"/aero-admin-{os.getpid()}"
     made: list[str] = []

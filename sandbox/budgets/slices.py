@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 SYSTEMD_RUNS = "/run/systemd/system"
 TOP = "aero.slice"  # systemd's parent of every aero-<segment>.slice
 DESCRIPTION = "aero-sandbox budget "
-INFINITY = 2**64 - 1
-APPLY_WAIT_S = 2.0  # systemd's "infinity" for MemoryMax/TasksMax
+INFINITY = 2**64 - 1  # systemd's "infinity" for MemoryMax/TasksMax
+APPLY_WAIT_S = 2.0
 _UNIT = b"org.freedesktop.systemd1.Unit"
 
 
@@ -79,10 +79,9 @@ def tree(bus: Bus) -> list[Hierarchy]:
     """The hierarchy budgets live in: the manager's cgroup, where aero.slice is."""
     from sandbox.backends.systemd.scope import CGROUP_ROOT
     from sandbox.cgroups import cgroupfs
-
-    root = CGROUP_ROOT + bus.root
     from sandbox.cgroups.cgroupfs import Hierarchy
 
+    root = CGROUP_ROOT + bus.root
     controllers = frozenset([*cgroupfs.read_words(root + "/cgroup.controllers"), SLICES])
     return [Hierarchy(2, CGROUP_ROOT, controllers, os.path.join(root, TOP))]
 
@@ -106,11 +105,11 @@ def ensure(bus: Bus, places: list[Hierarchy], parts: tuple[str, ...]) -> list[st
         ]
         try:
             result = bus.start_scope(unit, properties)  # StartTransientUnit: any unit type
-        except SandboxError:
-            result = "refused"  # another launcher may have started it a moment ago
+        except SandboxError as err:
+            result = err.message  # another launcher may have started it a moment ago
         if result != "done" and not os.path.isdir(path):
             raise SandboxError(
-                f"systemd could not start {unit} for budget {name}: its job ended {result!r}",
+                f"systemd could not start {unit} for budget {name}: {result}",
                 f"see `journalctl -b -u {unit}`",
             )
         made.append(path)

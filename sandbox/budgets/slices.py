@@ -104,7 +104,8 @@ def ensure(bus: Bus, places: list[Hierarchy], parts: tuple[str, ...]) -> list[st
             ("TasksMax", INFINITY),
         ]
         try:
-            result = bus.start_scope(unit, properties)  # StartTransientUnit: any unit type
+            job = bus.start_scope(unit, properties)  # StartTransientUnit: any unit type
+            result = "done" if job == "done" else f"its job ended {job!r}"
         except SandboxError as err:
             result = err.message  # another launcher may have started it a moment ago
         if result != "done" and not os.path.isdir(path):

@@ -249,3 +249,78 @@ def test_own_limit_on_the_scope_is_oom_not_budget_oom(tmp_path) -> None:  # type
     (scope / "memory.events.local").write_text("oom 0\noom_kill 0\n")
     (level / "memory.events.local").write_text("oom 1\noom_kill 0\n")
     assert watch.classify(str(command), 2, own_limit=str(scope)) == "budget_oom"
+
+
+class FakeManager:
+    """systemd as budgets/slices.py uses it: transient slices are cgroup directories."""
+
+    def __init__(self, top: str) -> None:
+        from sandbox.budgets.slices import DESCRIPTION
+
+        self.top, self.description, self.units = top, DESCRIPTION, {}  # type: ignore[var-annotated]
+
+    def path(self, unit: str) -> str:
+        from sandbox.budgets.model import slice_names, slice_segments
+
+        parts = slice_segments(unit)
+        assert parts is not None
+        return os.path.join(self.top, *slice_names(parts))
+
+    def start_scope(self, unit: str, properties: list[tuple[str, object]]) -> str:
+        os.makedirs(self.path(unit))
+        for name in ("memory.current", "memory.peak"):
+            with open(os.path.join(self.path(unit), name), "w") as f:
+                f.write("0\n")
+        self.units[unit] = dict(properties)["Description"]
+        self._apply(unit, properties)
+        return "done"
+
+    def manager(self, method: str, _sig: bytes, values: list, properties=None):  # type: ignore[no-untyped-def]
+        if method == "SetUnitProperties":
+            self._apply(values[0].decode(), properties)
+            return None
+        return [(u.encode(), d.encode(), b"loaded", b"active") for u, d in self.units.items()]
+
+    def _apply(self, unit: str, properties: list[tuple[str, object]]) -> None:
+        from sandbox.budgets.slices import INFINITY
+
+        for name, file in (("MemoryMax", "memory.max"), ("TasksMax", "pids.max")):
+            value = dict(properties).get(name)
+            if value is not None:
+                with open(os.path.join(self.path(unit), file), "w") as f:
+                    f.write("max\n" if value == INFINITY else f"{value}\n")
+
+    def stop_unit(self, unit: str) -> None:
+        for name in os.listdir(self.path(unit)):
+            os.unlink(os.path.join(self.path(unit), name))
+        os.rmdir(self.path(unit))
+        del self.units[unit]
+
+    def unit_property(self, unit: str, *_args: object) -> str:
+        return ""
+
+
+def test_slices_make_cap_list_and_remove_only_ours(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sandbox.budgets import cgroup as levels_fs
+    from sandbox.budgets import slices
+    from sandbox.budgets.model import SLICES
+    from sandbox.cgroups.cgroupfs import Hierarchy
+
+    top = tmp_path / "aero.slice"
+    top.mkdir()
+    (top / "aero-admins.slice").mkdir()  # an admin's: no Description of ours
+    bus = FakeManager(str(top))
+    places = [Hierarchy(2, str(tmp_path), frozenset({"memory", "pids", SLICES}), str(top))]
+    parts = ("agents", "agent-17")
+    made = slices.ensure(bus, places, parts)  # type: ignore[arg-type]
+    assert made == [str(top / "aero-agents.slice"),
+                    str(top / "aero-agents.slice" / "aero-agents-agent\\x2d17.slice")]  # fmt: skip
+    assert slices.ensure(bus, places, parts) == []  # type: ignore[arg-type]
+    slices.set_caps(bus, places, parts, Caps(12 * G, 100))  # type: ignore[arg-type]
+    assert levels_fs.read_level(places, parts).caps == Caps(12 * G, 100)
+    assert levels_fs.read_level(places, parts[:1]).caps == Caps(None, None)
+    assert slices.names(bus, places) == [("agents",), parts]  # type: ignore[arg-type]
+    assert levels_fs.names_below(places, ("agents",)) == ["aero-agents-agent\\x2d17.slice"]
+    removed = slices.remove(bus, places, ("agents",))  # type: ignore[arg-type]
+    assert removed == [made[1], made[0]] and not bus.units
+    assert (top / "aero-admins.slice").is_dir()

@@ -39,6 +39,13 @@ VICTIM = (
     "b = bytearray({size}); b[::4096] = b'x' * len(b[::4096]); print('survived')"
 )
 M = 1 << 20
+# Holds its memory until the flag file exists (at most 120 s): a slow host (the VM stage's
+# emulation) must not end the neighbour before the victim even starts.
+HOLD_UNTIL = (
+    "import os, time; b = bytearray({size}); b[::4096] = b'x' * len(b[::4096]); "
+    "print('holding', flush=True); end = time.monotonic() + 120\n"
+    "while not os.path.exists({flag!r}) and time.monotonic() < end: time.sleep(0.05)"
+)
 
 
 # A user under systemd (the VM stage's aero) may write no cgroup its launchers start in: the
@@ -206,7 +213,7 @@ def test_caps_sum_across_members_and_the_neighbour_survives(budget: str, tmp_pat
     assert cli("budget", "set", budget, "--mem", "300M").returncode == 0
     neighbour = start(
         "--budget", budget, "--report", str(tmp_path / "a.json"),
-        "--", PY, "-c", HOLD.format(size=150 * M, seconds=4),
+        "--", PY, "-c", HOLD_UNTIL.format(size=150 * M, flag=str(tmp_path / "end")),
     )  # fmt: skip
     try:
         assert wait_for_line(neighbour).startswith("holding")
@@ -216,6 +223,7 @@ def test_caps_sum_across_members_and_the_neighbour_survives(budget: str, tmp_pat
             "--", PY, "-c", VICTIM.format(size=200 * M),
         )  # fmt: skip
     finally:
+        (tmp_path / "end").touch()
         code, _out, err = finish(neighbour)
     assert code == 0, err
     assert report(tmp_path / "a.json")["reason"] == "exited"
@@ -358,18 +366,21 @@ def holder_and_waiter(
 
 
 def test_a_sigkilled_waiter_leaves_no_reservation(budget: str) -> None:
-    holder, waiter = holder_and_waiter(budget, 3)
+    holder, waiter = holder_and_waiter(budget, 60)
     try:
         listed = json.loads(cli("list", "--json").stdout)
         assert any(r.get("state") == "waiting" and r["launcher_pid"] == waiter.pid for r in listed)
         os.kill(waiter.pid, signal.SIGKILL)
         code, out, _err = finish(waiter)
         assert code == -signal.SIGKILL and out == ""
+        holder.send_signal(signal.SIGTERM)
         # A later, larger run is not held behind the dead waiter's ticket.
         after = cli("--budget", budget, "--reserve", "1000M", "--queue-timeout", "60", "--",
                     "echo", "ran")
         assert after.returncode == 0 and after.stdout == "ran\n", after.stderr
     finally:
+        if holder.poll() is None:
+            holder.send_signal(signal.SIGTERM)
         finish(holder)
     assert not tickets()
 

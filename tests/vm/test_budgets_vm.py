@@ -22,6 +22,13 @@ from tests.conftest import LAUNCHER, communicate, launcher_env, run_launcher, wa
 from tests.vm.conftest import PY, SYSTEMCTL
 
 M = 1 << 20
+# Holds its memory until the flag file exists (at most 120 s): a slow host (the VM stage's
+# emulation) must not end the neighbour before the victim even starts.
+HOLD_UNTIL = (
+    "import os, time; b = bytearray({size}); b[::4096] = b'x' * len(b[::4096]); "
+    "print('holding', flush=True); end = time.monotonic() + 120\n"
+    "while not os.path.exists({flag!r}) and time.monotonic() < end: time.sleep(0.05)"
+)
 HOLD = (
     "import sys, time; b = bytearray({size}); b[::4096] = b'x' * len(b[::4096]); "
     "print('holding', flush=True); time.sleep({seconds})"
@@ -156,7 +163,7 @@ def test_caps_sum_the_neighbour_survives_and_the_victim_is_budget_oom(
     assert cgroups_of(inner)[0].endswith(f"/{slice_of(budget)}/{slice_of(inner)}")
     neighbour = start(
         "--budget", inner, "--report", str(tmp_path / "a.json"),
-        "--", PY, "-c", HOLD.format(size=150 * M, seconds=8),
+        "--", PY, "-c", HOLD_UNTIL.format(size=150 * M, flag=str(tmp_path / "end")),
     )  # fmt: skip
     try:
         assert first_line(neighbour).startswith("holding")
@@ -165,6 +172,7 @@ def test_caps_sum_the_neighbour_survives_and_the_victim_is_budget_oom(
             "--", PY, "-c", VICTIM.format(size=200 * M),
         )  # fmt: skip
     finally:
+        (tmp_path / "end").touch()
         done = finish(neighbour)
     assert done.returncode == 0, done.stderr
     assert report(tmp_path / "a.json")["reason"] == "exited"

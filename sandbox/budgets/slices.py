@@ -41,7 +41,6 @@ TOP = "aero.slice"  # systemd's parent of every aero-<segment>.slice
 DESCRIPTION = "aero-sandbox budget "
 INFINITY = 2**64 - 1  # systemd's "infinity" for MemoryMax/TasksMax
 APPLY_WAIT_S = 2.0
-_UNIT = b"org.freedesktop.systemd1.Unit"
 
 
 def open_bus(requested: str) -> Bus | None:
@@ -171,20 +170,9 @@ def remove(bus: Bus, places: list[Hierarchy], parts: tuple[str, ...]) -> list[st
             raise SandboxError(f"cannot remove budget {'/'.join(found)}: processes run in {path}")
         bus.stop_unit(slice_names(found)[-1])
         removed.append(path)
-    _stop_top_when_empty(bus, places)
+    # aero.slice, systemd's implicit parent of them all, stays: stopping it would stop every
+    # slice and scope in it, a budget another launcher is starting a run in included.
     return removed
-
-
-def _stop_top_when_empty(bus: Bus, places: list[Hierarchy]) -> None:
-    """aero.slice is systemd's implicit parent of our slices: stop it once it holds nothing,
-    unless an admin made it (a unit file)."""
-    top = places[0].own
-    try:
-        busy = any(entry.endswith((".slice", ".scope")) for entry in os.listdir(top))
-    except OSError:
-        return
-    if not busy and not bus.unit_property(TOP, _UNIT, b"FragmentPath", b"s"):
-        bus.stop_unit(TOP)
 
 
 def watch(name: str, places: list[Hierarchy], parts: tuple[str, ...]) -> BudgetWatch:

@@ -296,9 +296,6 @@ class FakeManager:
         os.rmdir(self.path(unit))
         del self.units[unit]
 
-    def unit_property(self, unit: str, *_args: object) -> str:
-        return ""
-
 
 def test_slices_make_cap_list_and_remove_only_ours(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from sandbox.budgets import cgroup as levels_fs

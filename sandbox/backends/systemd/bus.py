@@ -167,14 +167,6 @@ class Bus:
         except self._errors.DBusBaseError as err:
             raise SandboxError(f"systemd refused {method}: {err}") from err
 
-    def unit_property(self, unit: str, interface: bytes, name: bytes, signature: bytes) -> str:
-        """A unit's string property ("" when systemd does not know the unit)."""
-        path = self._dbuslib.path_encode(_UNIT_PATH_PREFIX, unit.encode())
-        try:
-            return _text(self._bus.get_property(_DESTINATION, path, interface, name, signature))
-        except self._errors.DBusBaseError:
-            return ""
-
     def our_pid(self) -> int:
         """Our pid as the bus (and so systemd) sees it: another number in a pid namespace."""
         name = self._bus.get_unique_name()

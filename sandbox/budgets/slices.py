@@ -24,7 +24,7 @@ import os
 import time
 
 from sandbox.budgets import cgroup as levels_fs
-from sandbox.budgets.model import SLICES, Caps, levels, slice_names, slice_segments
+from sandbox.budgets.model import SLICES, Caps, slice_names, slice_segments
 from sandbox.budgets.oom import BudgetWatch
 from sandbox.core.errors import BackendUnavailable, SandboxError
 from sandbox.core.limits import format_size
@@ -134,15 +134,26 @@ def set_caps(bus: Bus, places: list[Hierarchy], parts: tuple[str, ...], caps: Ca
     # after its reply: read them back for a bounded moment.
     deadline = time.monotonic() + APPLY_WAIT_S
     found = levels_fs.read_level(places, parts).caps
-    while found != caps and time.monotonic() < deadline:
+    while not _applied(found, caps) and time.monotonic() < deadline:
         time.sleep(0.02)
         found = levels_fs.read_level(places, parts).caps
-    if found != caps:
+    if not _applied(found, caps):
         raise SandboxError(
             f"systemd did not apply the caps of {unit}: memory {found.memory_bytes}, "
             f"tasks {found.pids} (asked {caps.memory_bytes}, {caps.pids})",
             "does the manager have the memory and pids controllers? (docs/systemd.md)",
         )
+
+
+def _applied(found: Caps, wanted: Caps) -> bool:
+    """The caps read back are those asked (the kernel rounds memory.max down to whole pages)."""
+    if found.pids != wanted.pids or (found.memory_bytes is None) != (wanted.memory_bytes is None):
+        return False
+    page = os.sysconf("SC_PAGE_SIZE")
+    return wanted.memory_bytes is None or (
+        found.memory_bytes is not None and wanted.memory_bytes - page < found.memory_bytes
+        and found.memory_bytes <= wanted.memory_bytes
+    )
 
 
 def names(bus: Bus, places: list[Hierarchy]) -> list[tuple[str, ...]]:
@@ -173,14 +184,6 @@ def remove(bus: Bus, places: list[Hierarchy], parts: tuple[str, ...]) -> list[st
     # aero.slice, systemd's implicit parent of them all, stays: stopping it would stop every
     # slice and scope in it, a budget another launcher is starting a run in included.
     return removed
-
-
-def watch(name: str, places: list[Hierarchy], parts: tuple[str, ...]) -> BudgetWatch:
-    return BudgetWatch(
-        name,
-        [(lv, levels_fs.level_dir(places[0], tuple(lv.split("/")))) for lv in levels(parts)],
-        2,
-    )
 
 
 def backend(slice_name: str, budget: BudgetWatch | None) -> SystemdBackend:

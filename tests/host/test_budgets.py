@@ -341,8 +341,10 @@ def test_first_come_first_served_a_big_reservation_is_not_starved(
     # Each small one fitted beside the holder, but queued behind the big one, which could not:
     # none started before the holder ended and the big one was admitted...
     assert all(started[f"small{i}"] >= started["holder-end"] for i in range(8)), started
-    # ...and the big one started within a bound: the holder's 3 s and the host's slowness.
-    assert started["big"] - started["holder-end"] < 10, started
+    # ...and the big one started within a bound: the holder's 3 s and the host's slowness (the
+    # VM stage emulates its CPU, 5-15 times slower: 11.4 s there on a loaded host).
+    bound = 30 if os.environ.get("AERO_VM") == "1" else 10
+    assert started["big"] - started["holder-end"] < bound, started
     assert not tickets()
 
 

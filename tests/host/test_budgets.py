@@ -283,8 +283,9 @@ def test_queue_timeout_is_75_and_the_timeout_counts_the_run_only(
     budget: str, tmp_path: Path
 ) -> None:
     assert cli("budget", "set", budget, "--mem", "1G").returncode == 0
-    holder = start("--budget", budget, "--reserve", "800M", "--", PY, "-c", HOLD.format(
-        size=M, seconds=4))
+    end = tmp_path / "end"
+    holder = start("--budget", budget, "--reserve", "800M", "--", PY, "-c", HOLD_UNTIL.format(
+        size=M, flag=str(end)))
     try:
         assert wait_for_line(holder).startswith("holding")
         gave_up = cli(
@@ -295,14 +296,19 @@ def test_queue_timeout_is_75_and_the_timeout_counts_the_run_only(
         assert "waiting for 500.0 MiB in budget" in gave_up.stderr
         assert "--queue-timeout" in gave_up.stderr.splitlines()[-1]
         assert report(tmp_path / "q.json")["reason"] == "queue_timeout"
-        # Waits ~3 s for the holder, then runs 1 s inside a 2 s --timeout.
-        waited = cli(
+        # Waits 1.5 s and more for the holder, then runs 1 s inside a 2 s --timeout.
+        waiter = start(
             "--budget", budget, "--reserve", "500M", "--timeout", "2",
             "--report", str(tmp_path / "w.json"), "--", "sleep", "1",
         )  # fmt: skip
-        assert waited.returncode == 0, waited.stderr
+        assert "waiting for 500.0 MiB" in wait_for_line(waiter, "stderr")
+        time.sleep(1.5)
+        end.touch()
+        code, _out, err = finish(waiter)
+        assert code == 0, err
         assert report(tmp_path / "w.json")["budget"]["queue_wait_s"] > 1
     finally:
+        end.touch()
         finish(holder)
     assert not tickets()
 

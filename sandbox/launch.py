@@ -167,6 +167,7 @@ def _join_budget(request: RunRequest) -> Membership:
         request.argv,
         supervisor.wait_for_signal,
         lambda line: say(request, line),
+        request.backend,
     )
 
 

@@ -118,7 +118,7 @@ OPTIONS = (
         "NAME",
         "AERO_BUDGET",
         "run inside this budget, a memory/pids ceiling shared with every other run in it "
-        "(aero-sandbox budget set): agents, agents/agent-17 (cgroup backend)",
+        "(aero-sandbox budget set): agents, agents/agent-17 (a systemd slice or a cgroup)",
     ),
     Option(
         ("--budget-mem",),

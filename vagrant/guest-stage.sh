@@ -74,7 +74,8 @@ else
     # hybrid cgroups, no systemd).
     args=(-q -rs)
     for t in tests/host/test_core.py tests/host/test_containers.py tests/host/test_list_gc.py \
-             tests/host/test_doctor.py tests/host/test_hostile.py tests/container tests/vm; do
+             tests/host/test_doctor.py tests/host/test_hostile.py \
+             tests/host/test_budgets.py tests/container tests/vm; do
         if [ -e "$WORK/$t" ]; then args+=("$t"); fi
     done
 fi

@@ -52,13 +52,29 @@ def make(
             "--parent names a cgroupfs directory, which only the cgroup backend uses",
             "use --backend cgroup, or --slice with systemd",
         )
+    if budget is not None and budget.slice is not None:
+        # The budget is a tree of systemd slices (budgets/slices.py): only a scope goes in one.
+        if name != "systemd" or slice_name is not None:
+            raise BackendUnavailable(
+                name,
+                f"budget {budget.name} lives in systemd's {budget.slice}, where only the systemd "
+                "backend's scopes go" + ("; --slice names another" if slice_name else ""),
+                "drop --slice, or use --backend systemd (auto does); AERO_BACKEND=cgroup (or "
+                "AERO_BUDGET_ROOT) keeps budgets in cgroups instead",
+            )
+        if not systemd_running():
+            raise BackendUnavailable("systemd", "systemd is not running as PID 1 on this host")
+        from sandbox.budgets.slices import backend as member_backend
+
+        return member_backend(budget.slice, budget.watch)
     if budget is not None and name != "cgroup":
-        # Never drop a budget silently: only the cgroup backend places sandboxes in one so far.
+        # Never drop a budget silently: a cgroup budget takes the cgroup backend's sandboxes.
         raise BackendUnavailable(
             name,
-            "--budget needs cgroups this launcher creates itself, which only the cgroup "
-            "backend does",
-            "run as root or in a delegated cgroup, with --backend cgroup or auto",
+            f"budget {budget.name} is a cgroup tree of this launcher's, where only the cgroup "
+            "backend's sandboxes go",
+            "run as root or in a delegated cgroup, with --backend cgroup or auto; the systemd "
+            "backend keeps budgets in slices (docs/budgets.md)",
         )
     if name == "cgroup":
         from sandbox.backends.cgroup import CgroupBackend

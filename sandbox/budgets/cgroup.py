@@ -17,7 +17,16 @@ import errno
 import os
 
 from sandbox.backends.cgroup import CONTROLLERS, at_parent
-from sandbox.budgets.model import Caps, Level, directory_names, levels, segment_of
+from sandbox.budgets.model import (
+    SLICES,
+    Caps,
+    Level,
+    directory_names,
+    levels,
+    segment_of,
+    slice_names,
+    slice_segments,
+)
 from sandbox.cgroups import cgroupfs, tree, v1, v2
 from sandbox.cgroups.cgroupfs import Hierarchy
 from sandbox.core.errors import SandboxError
@@ -77,6 +86,8 @@ def pids_base(places: list[Hierarchy]) -> Hierarchy | None:
 
 
 def level_dir(base: Hierarchy, parts: tuple[str, ...]) -> str:
+    if SLICES in base.controllers:  # systemd's: aero-a.slice/aero-a-b.slice (budgets/slices.py)
+        return os.path.join(base.own, *slice_names(parts))
     return os.path.join(base.own, *directory_names(parts))
 
 
@@ -258,8 +269,10 @@ def remove(places: list[Hierarchy], parts: tuple[str, ...]) -> list[str]:
 
 def names_below(places: list[Hierarchy], parts: tuple[str, ...]) -> list[str]:
     """The budgets nested directly in this one that still exist."""
-    path = level_dir(memory_base(places), parts)
+    base = memory_base(places)
+    path = level_dir(base, parts)
+    ours = slice_segments if SLICES in base.controllers else segment_of
     try:
-        return [n for n in os.listdir(path) if segment_of(n) and os.path.isdir(f"{path}/{n}")]
+        return [n for n in os.listdir(path) if ours(n) and os.path.isdir(f"{path}/{n}")]
     except OSError:
         return []

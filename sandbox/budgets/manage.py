@@ -9,25 +9,63 @@ import os
 import time
 from typing import Any
 
-from sandbox.budgets import admission, files
+from sandbox.budgets import admission, files, slices
 from sandbox.budgets import cgroup as levels_fs
 from sandbox.budgets.membership import state_dir, state_root
-from sandbox.budgets.model import Caps, parse_name
+from sandbox.budgets.model import Caps, parse_name, slice_names
 from sandbox.cgroups.cgroupfs import Hierarchy
 from sandbox.core.errors import SandboxError
 
+BACKEND_ENV = "AERO_BACKEND"  # as for a run: systemd keeps budgets in slices, cgroup in cgroups
 
-def places(root: str | None) -> list[Hierarchy]:
-    root = root or os.environ.get(levels_fs.ROOT_ENV, "").strip() or None
-    return levels_fs.bases(root)
+
+class Where:
+    """Where the subcommands find budgets, the same place a run with AERO_BACKEND (default
+    auto) puts them: systemd's slices (`bus` set), or cgroups below `--root`/ours."""
+
+    def __init__(self, root: str | None, backend: str | None = None) -> None:
+        root = root or os.environ.get(levels_fs.ROOT_ENV, "").strip() or None
+        backend = backend or os.environ.get(BACKEND_ENV, "").strip() or "auto"
+        self.bus = None if root else slices.open_bus(backend)
+        try:
+            self.places = slices.tree(self.bus) if self.bus else levels_fs.bases(root)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Where:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bus is not None:
+            self.bus.close()
+            self.bus = None
+
+    def names(self) -> list[tuple[str, ...]]:
+        if self.bus is not None:
+            return slices.names(self.bus, self.places)
+        return levels_fs.names(self.places)
+
+    def remove(self, parts: tuple[str, ...]) -> list[str]:
+        if self.bus is not None:
+            return slices.remove(self.bus, self.places, parts)
+        return levels_fs.remove(self.places, parts)
 
 
 def set_budget(name: str, memory: int | None, pids: int | None, root: str | None) -> str:
     parts = parse_name(name, "budget NAME")
-    found = places(root)
-    levels_fs.ensure(found, parts)
-    levels_fs.set_caps(found, parts, Caps(memory, pids))
-    return levels_fs.level_dir(levels_fs.memory_base(found), parts)
+    with Where(root) as where:
+        found = where.places
+        if where.bus is not None:
+            slices.ensure(where.bus, found, parts)
+            slices.set_caps(where.bus, found, parts, Caps(memory, pids))
+            return f"{slice_names(parts)[-1]}, {levels_fs.level_dir(found[0], parts)}"
+        levels_fs.ensure(found, parts)
+        levels_fs.set_caps(found, parts, Caps(memory, pids))
+        return levels_fs.level_dir(levels_fs.memory_base(found), parts)
 
 
 def _tickets(found: list[Hierarchy], parts: tuple[str, ...]) -> list[admission.Ticket]:
@@ -36,9 +74,14 @@ def _tickets(found: list[Hierarchy], parts: tuple[str, ...]) -> list[admission.T
 
 
 def rows(root: str | None) -> list[dict[str, Any]]:
-    found = places(root)
+    with Where(root) as where:
+        return _rows(where)
+
+
+def _rows(where: Where) -> list[dict[str, Any]]:
+    found = where.places
     result = []
-    for parts in levels_fs.names(found):
+    for parts in where.names():
         name = "/".join(parts)
         level = levels_fs.read_level(found, parts)
         tickets = [t for t in _tickets(found, parts) if admission.within(t.budget, name)]
@@ -53,6 +96,7 @@ def rows(root: str | None) -> list[dict[str, Any]]:
                 "waiting": sum(1 for t in tickets if not t.running),
                 "reserved_bytes": sum(t.reserve for t in tickets if t.running),
                 "cgroup": level.memory_dir,
+                **({"slice": slice_names(parts)[-1]} if where.bus else {}),
             }
         )
     return result
@@ -87,7 +131,12 @@ def table(found: list[dict[str, Any]]) -> str:
 def remove(name: str, root: str | None) -> list[str]:
     """Remove a budget (and those nested in it); SandboxError (125) while members run or wait."""
     parts = parse_name(name, "budget NAME")
-    found = places(root)
+    with Where(root) as where:
+        return _remove(where, name, parts)
+
+
+def _remove(where: Where, name: str, parts: tuple[str, ...]) -> list[str]:
+    found = where.places
     if not levels_fs.exists(found, parts) and not any(
         os.path.isdir(levels_fs.level_dir(h, parts)) for h in found
     ):
@@ -103,7 +152,7 @@ def remove(name: str, root: str | None) -> list[str]:
                 f"budget {name} is in use: {busy}",
                 "wait for its runs to end (aero-sandbox budget list), or stop them",
             )
-        return levels_fs.remove(found, parts)
+        return where.remove(parts)
     finally:
         if lock is not None:
             os.close(lock)
@@ -162,15 +211,28 @@ def waiting_runs() -> list[dict[str, Any]]:
 
 
 def collect(dry_run: bool, root: str | None = None) -> tuple[list[str], list[str]]:
-    """gc: remove empty budgets aero-sandbox made (aero-budget-*), innermost first; never the
-    root they live below (an admin's cgroup). Returns (removed cgroups, kept lines)."""
-    try:
-        found = places(root)
-    except SandboxError:
-        return [], []
+    """gc: remove empty budgets aero-sandbox made, innermost first: those in systemd's slices
+    (where the systemd backend runs) and those in cgroups (aero-budget-*); never the root they
+    live below (an admin's cgroup), never a slice that is not ours. Returns (removed, kept)."""
     removed: list[str] = []
     kept: list[str] = []
-    for parts in reversed(levels_fs.names(found)):
+    for backend in ("systemd", "cgroup"):
+        try:
+            where = Where(root if backend == "cgroup" else None, backend)
+        except SandboxError:  # BackendUnavailable too: nothing of that kind here
+            continue
+        with where:
+            if root and backend == "systemd":
+                continue
+            _collect(where, dry_run, removed, kept)
+    if not dry_run:
+        prune_state()
+    return removed, kept
+
+
+def _collect(where: Where, dry_run: bool, removed: list[str], kept: list[str]) -> None:
+    found = where.places
+    for parts in reversed(where.names()):
         name = "/".join(parts)
         state = state_dir(found, parts)
         lock = admission.take_exclusive(state, name)
@@ -185,14 +247,11 @@ def collect(dry_run: bool, root: str | None = None) -> tuple[list[str], list[str
             if dry_run:
                 removed += [levels_fs.level_dir(h, parts) for h in found]
             else:
-                removed += levels_fs.remove(found, parts)
+                removed += where.remove(parts)
         except SandboxError as err:
             kept.append(f"budget {name}: {err.line()}")
         finally:
             os.close(lock)
-    if not dry_run:
-        prune_state()
-    return removed, kept
 
 
 def prune_state() -> list[str]:
@@ -238,8 +297,11 @@ def _names(directory: str) -> list[str]:
 def doctor_summary() -> tuple[str, str, dict[str, Any]]:
     """(status, one line, details) for `aero-sandbox doctor`: the budgets and where they live."""
     try:
-        found = rows(None)
-        where = levels_fs.memory_base(places(None)).own
+        with Where(None) as place:
+            found = _rows(place)
+            where = levels_fs.memory_base(place.places).own
+            if place.bus is not None:
+                where = f"systemd's {slices.TOP} ({where})"
     except SandboxError as err:
         return "info", f"no budgets possible here: {err.line()}", {}
     names = ", ".join(

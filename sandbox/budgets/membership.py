@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 
-from sandbox.budgets import admission, files
+from sandbox.budgets import admission, files, slices
 from sandbox.budgets import cgroup as levels_fs
-from sandbox.budgets.model import Caps, Level, levels
+from sandbox.budgets.model import Caps, Level, levels, slice_names
 from sandbox.budgets.oom import BudgetWatch
 from sandbox.core.errors import SandboxError
 
@@ -24,6 +24,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from sandbox.backends.systemd.bus import Bus
     from sandbox.cgroups.cgroupfs import Hierarchy
 
 
@@ -66,7 +67,8 @@ class Membership:
         self.parts = parts
         self.places = places
         self.queue = admission.Queue(state_dir(places, parts))
-        self.placement: list[Hierarchy] = []
+        self.placement: list[Hierarchy] = []  # the cgroup backend's: the innermost level
+        self.slice: str | None = None  # the systemd backend's: the innermost level's slice
         self.watch: BudgetWatch | None = None
         self.reserve: int | None = None
         self.waited_s = 0.0
@@ -104,10 +106,34 @@ def join(
     argv: list[str],
     wait: Callable[[float], int | None],
     say: Callable[[str], None],
+    backend: str = "auto",
 ) -> Membership:
     """Enter the budget (waiting for admission with a reservation). Raises SandboxError (125)
-    or admission.NotAdmitted (queue timeout, a signal while waiting)."""
-    places = levels_fs.bases(os.environ.get(levels_fs.ROOT_ENV, "").strip() or None)
+    or admission.NotAdmitted (queue timeout, a signal while waiting). The budget is a tree of
+    systemd slices where the run's backend is systemd (slices.open_bus), else of cgroups."""
+    bus = slices.open_bus(backend)
+    try:
+        return _join(bus, name, parts, budget_mem, reserve, queue_timeout, argv, wait, say)
+    finally:
+        if bus is not None:
+            bus.close()
+
+
+def _join(
+    bus: Bus | None,
+    name: str,
+    parts: tuple[str, ...],
+    budget_mem: int | None,
+    reserve: int | None,
+    queue_timeout: float | None,
+    argv: list[str],
+    wait: Callable[[float], int | None],
+    say: Callable[[str], None],
+) -> Membership:
+    if bus is not None:
+        places = slices.tree(bus)
+    else:
+        places = levels_fs.bases(os.environ.get(levels_fs.ROOT_ENV, "").strip() or None)
     member = Membership(name, parts, places)
     try:
         member.queue.join(levels(parts))
@@ -119,11 +145,17 @@ def join(
                     "SIZE (AERO_BUDGET_MEM) to create it on first use",
                 )
             memory_dir = levels_fs.level_dir(levels_fs.memory_base(places), parts)
-            made = levels_fs.ensure(places, parts)
+            made = slices.ensure(bus, places, parts) if bus else levels_fs.ensure(places, parts)
             if memory_dir in made:  # we made it: the cap is ours to set; else the maker's
-                levels_fs.set_caps(places, parts, Caps(budget_mem, None))
+                if bus is not None:
+                    slices.set_caps(bus, places, parts, Caps(budget_mem, None))
+                else:
+                    levels_fs.set_caps(places, parts, Caps(budget_mem, None))
                 member.created = True
-        member.placement = levels_fs.placement(places, parts)
+        if bus is not None:
+            member.slice = slice_names(parts)[-1]
+        else:
+            member.placement = levels_fs.placement(places, parts)
         memory = levels_fs.memory_base(places)
         member.watch = BudgetWatch(
             name,

@@ -43,6 +43,31 @@ def directory_names(parts: tuple[str, ...]) -> list[str]:
     return [PREFIX + part for part in parts]
 
 
+# Budgets on the systemd backend (budgets/slices.py): a Hierarchy whose `controllers` hold this
+# marker has its levels named as systemd slices, not as aero-budget-* directories.
+SLICES = "systemd-slices"
+SLICE_PREFIX = "aero-"
+
+
+def slice_names(parts: tuple[str, ...]) -> list[str]:
+    """The slice of each level, outermost first: aero-agents.slice,
+    aero-agents-agent\\x2d17.slice. A '-' in a slice name is a level to systemd, so a '-' in a
+    segment is escaped as systemd-escape does; '_' and '.' are fine as they are."""
+    escaped = [part.replace("-", "\\x2d") for part in parts]
+    return [SLICE_PREFIX + "-".join(escaped[: i + 1]) + ".slice" for i in range(len(parts))]
+
+
+def slice_segments(unit: str) -> tuple[str, ...] | None:
+    """The budget a slice name of ours stands for, or None for other names."""
+    if not (unit.startswith(SLICE_PREFIX) and unit.endswith(".slice")):
+        return None
+    middle = unit[len(SLICE_PREFIX) : -len(".slice")]
+    parts = tuple(part.replace("\\x2d", "-") for part in middle.split("-"))
+    if len(parts) > MAX_DEPTH or not all(_segment_ok(part) for part in parts):
+        return None
+    return parts if slice_names(parts)[-1] == unit else None
+
+
 def segment_of(directory_name: str) -> str | None:
     """The budget segment a cgroup directory name stands for, or None for other names."""
     if not directory_name.startswith(PREFIX):

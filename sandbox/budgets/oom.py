@@ -123,8 +123,11 @@ class BudgetWatch:
         fired = [name for name, path in self._levels if self._fired.get(path)]
         return fired[:1]
 
-    def classify(self, path: str, version: int) -> str | None:
+    def classify(self, path: str, version: int, own_limit: str | None = None) -> str | None:
+        """`own_limit`: the v2 cgroup that holds the member's own --mem when it is not `path`
+        (the systemd backend's scope, above <scope>/command)."""
         killed, own = own_counters(path, version)
+        own = own or bool(own_limit and level_counter(own_limit))
         if not killed:
             return None
         hit = self.levels_hit()

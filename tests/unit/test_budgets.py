@@ -259,3 +259,120 @@ def test_v2_budget_watch_tells_a_budget_oom_from_its_own(tmp_path) -> None:  # t
     own = BudgetWatch("a/b", [("a", str(outer)), ("a/b", str(inner))], 2)
     (sandbox / "memory.events.local").write_text("max 5\noom 1\noom_kill 2\n")
     assert own.classify(str(sandbox), 2) == "oom"  # its own memory.max; no level ran out since
+
+
+# -- the systemd backend's slices (budgets/slices.py) ---------------------------------------------
+def test_slice_names_nest_by_level_and_escape_a_dash_in_a_segment() -> None:
+    from sandbox.budgets.model import slice_names, slice_segments
+
+    assert slice_names(("agents", "agent-17")) == [
+        "aero-agents.slice",
+        "aero-agents-agent\\x2d17.slice",
+    ]
+    assert slice_names(("a.b_c",)) == ["aero-a.b_c.slice"]
+    for parts in (("agents",), ("agents", "agent-17"), ("x-1", "y-2", "z")):
+        assert slice_segments(slice_names(parts)[-1]) == parts
+    for foreign in ("aero.slice", "user-1000.slice", "aero-.slice", "aero-a--b.slice",
+                    "aero-x.scope", "aero-_a.slice"):  # fmt: skip
+        assert slice_segments(foreign) is None, foreign
+
+
+def test_slice_levels_are_the_cgroups_systemd_makes() -> None:
+    from sandbox.budgets import cgroup as levels_fs
+    from sandbox.budgets.model import SLICES
+    from sandbox.cgroups.cgroupfs import Hierarchy
+
+    top = "/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/aero.slice"
+    place = Hierarchy(2, "/sys/fs/cgroup", frozenset({"memory", "pids", SLICES}), top)
+    assert levels_fs.level_dir(place, ("agents", "agent-17")) == (
+        f"{top}/aero-agents.slice/aero-agents-agent\\x2d17.slice"
+    )
+
+
+def test_own_limit_on_the_scope_is_oom_not_budget_oom(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The systemd backend holds --mem on the scope, above <scope>/command."""
+    from sandbox.budgets.oom import BudgetWatch
+
+    level, scope, command = (tmp_path / n for n in ("level", "scope", "scope/command"))
+    for path in (level, scope, command):
+        path.mkdir()
+        (path / "memory.events.local").write_text("oom 0\noom_kill 0\n")
+    watch = BudgetWatch("a", [("a", str(level))], 2)
+    (scope / "memory.events.local").write_text("max 2\noom 1\noom_kill 0\n")
+    (command / "memory.events.local").write_text("oom 0\noom_kill 1\n")
+    assert watch.classify(str(command), 2, own_limit=str(scope)) == "oom"
+    (scope / "memory.events.local").write_text("oom 0\noom_kill 0\n")
+    (level / "memory.events.local").write_text("oom 1\noom_kill 0\n")
+    assert watch.classify(str(command), 2, own_limit=str(scope)) == "budget_oom"
+
+
+class FakeManager:
+    """systemd as budgets/slices.py uses it: transient slices are cgroup directories."""
+
+    def __init__(self, top: str) -> None:
+        from sandbox.budgets.slices import DESCRIPTION
+
+        self.top, self.description, self.units = top, DESCRIPTION, {}  # type: ignore[var-annotated]
+
+    def path(self, unit: str) -> str:
+        from sandbox.budgets.model import slice_names, slice_segments
+
+        parts = slice_segments(unit)
+        assert parts is not None
+        return os.path.join(self.top, *slice_names(parts))
+
+    def start_scope(self, unit: str, properties: list[tuple[str, object]]) -> str:
+        os.makedirs(self.path(unit))
+        for name in ("memory.current", "memory.peak"):
+            with open(os.path.join(self.path(unit), name), "w") as f:
+                f.write("0\n")
+        self.units[unit] = dict(properties)["Description"]
+        self._apply(unit, properties)
+        return "done"
+
+    def manager(self, method: str, _sig: bytes, values: list, properties=None):  # type: ignore[no-untyped-def]
+        if method == "SetUnitProperties":
+            self._apply(values[0].decode(), properties)
+            return None
+        return [(u.encode(), d.encode(), b"loaded", b"active") for u, d in self.units.items()]
+
+    def _apply(self, unit: str, properties: list[tuple[str, object]]) -> None:
+        from sandbox.budgets.slices import INFINITY
+
+        for name, file in (("MemoryMax", "memory.max"), ("TasksMax", "pids.max")):
+            value = dict(properties).get(name)
+            if value is not None:
+                with open(os.path.join(self.path(unit), file), "w") as f:
+                    f.write("max\n" if value == INFINITY else f"{value}\n")
+
+    def stop_unit(self, unit: str) -> None:
+        for name in os.listdir(self.path(unit)):
+            os.unlink(os.path.join(self.path(unit), name))
+        os.rmdir(self.path(unit))
+        del self.units[unit]
+
+
+def test_slices_make_cap_list_and_remove_only_ours(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sandbox.budgets import cgroup as levels_fs
+    from sandbox.budgets import slices
+    from sandbox.budgets.model import SLICES
+    from sandbox.cgroups.cgroupfs import Hierarchy
+
+    top = tmp_path / "aero.slice"
+    top.mkdir()
+    (top / "aero-admins.slice").mkdir()  # an admin's: no Description of ours
+    bus = FakeManager(str(top))
+    places = [Hierarchy(2, str(tmp_path), frozenset({"memory", "pids", SLICES}), str(top))]
+    parts = ("agents", "agent-17")
+    made = slices.ensure(bus, places, parts)  # type: ignore[arg-type]
+    assert made == [str(top / "aero-agents.slice"),
+                    str(top / "aero-agents.slice" / "aero-agents-agent\\x2d17.slice")]  # fmt: skip
+    assert slices.ensure(bus, places, parts) == []  # type: ignore[arg-type]
+    slices.set_caps(bus, places, parts, Caps(12 * G, 100))  # type: ignore[arg-type]
+    assert levels_fs.read_level(places, parts).caps == Caps(12 * G, 100)
+    assert levels_fs.read_level(places, parts[:1]).caps == Caps(None, None)
+    assert slices.names(bus, places) == [("agents",), parts]  # type: ignore[arg-type]
+    assert levels_fs.names_below(places, ("agents",)) == ["aero-agents-agent\\x2d17.slice"]
+    removed = slices.remove(bus, places, ("agents",))  # type: ignore[arg-type]
+    assert removed == [made[1], made[0]] and not bus.units
+    assert (top / "aero-admins.slice").is_dir()

@@ -153,6 +153,20 @@ class Bus:
             raise SandboxError(f"systemd refused to start {unit}: {err}") from err
         return self._wait_job(job, f"start {unit}")
 
+    def manager(
+        self, method: str, signature: bytes, values: list[Any],
+        properties: list[tuple[str, object]] | None = None,
+    ) -> Any:
+        """Any other Manager method (budgets' slices: SetUnitProperties, ListUnitsByPatterns),
+        its arguments given by signature and values, then an a(sv) of unit properties."""
+        args = self._dbuslib.apply_signature(signature, values)
+        if properties is not None:
+            args += encode_properties(properties, self._dbuslib.apply_signature)
+        try:
+            return self._call(method.encode(), args)
+        except self._errors.DBusBaseError as err:
+            raise SandboxError(f"systemd refused {method}: {err}") from err
+
     def our_pid(self) -> int:
         """Our pid as the bus (and so systemd) sees it: another number in a pid namespace."""
         name = self._bus.get_unique_name()

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from sandbox.budgets.oom import BudgetWatch
 
 CONTROLLERS = ("memory", "pids")
+# The PSI trigger of --oom-pressure is made this long after the start (sandbox/cgroups/pressure.py:
+# closing one costs ~4-20 ms), so a short command never pays for it.
+PRESSURE_ARM_AFTER_S = 1.0
 
 READ_ONLY_REMEDY = (
     "the cgroup filesystem is read-only (an unprivileged container?): run the container with "
@@ -107,7 +110,9 @@ class CgroupBackend:
             if self.pids is not None and limits.pids is not None:
                 self.pids.set_pids(limits.pids)
             # PSI is accounted in the v2 directory, with or without controllers (hybrid too).
-            self._pressure = pressure.watch(self.v2.path if self.v2 else None, limits)
+            self._pressure = pressure.watch(
+                self.v2.path if self.v2 else None, limits, PRESSURE_ARM_AFTER_S
+            )
         except BaseException:
             self.remove()
             raise

@@ -11,16 +11,17 @@ import time
 import pytest
 
 from sandbox.cgroups import warmup
-from tests.conftest import launcher_env, run_launcher
+from tests.conftest import launcher_env, need_kernel_sandbox, run_launcher
 
 PY = sys.executable
 
 
-def test_the_warm_up_thread_takes_no_signal() -> None:
+def test_the_warm_up_thread_takes_no_signal(monkeypatch: pytest.MonkeyPatch) -> None:
     """Started before the supervisor blocks SIGCHLD, a thread with signals unblocked could be
     handed the child's SIGCHLD, which Python drops: the launcher then waits forever."""
     if os.geteuid() != 0:
         pytest.skip("root only: the warm-up writes a cgroup.procs file")
+    monkeypatch.setattr(warmup, "_release", lambda: (5, 6))  # as before CLONE_INTO_CGROUP
     before = set(os.listdir("/proc/self/task"))
     mask = signal.pthread_sigmask(signal.SIG_SETMASK, [])  # as a shell starts the launcher
     try:
@@ -54,6 +55,38 @@ def _settled_mask(thread: str) -> int | None:
             return int(fields["SigBlk"], 16)
         time.sleep(0.001)
     return None
+
+
+_PLACED = """
+import sys
+from sandbox.backends import cgroup
+from sandbox.cli import exit_now, main
+if sys.argv[1] == "fork":
+    cgroup._clone_into_works.clear()  # as where clone3 is refused (seccomp, Linux < 5.7)
+exit_now(main(["--backend", "cgroup", "--mem", "256M", "--", "cat", "/proc/self/cgroup"]))
+"""
+
+
+@pytest.mark.parametrize("how", ["clone3", "fork"])
+def test_the_command_starts_in_every_cgroup_of_its_sandbox(how: str) -> None:
+    """Born in the v2 cgroup (CLONE_INTO_CGROUP) or forked and moved: either way the command is
+    in the sandbox's cgroup of every hierarchy it uses before it runs."""
+    need_kernel_sandbox()
+    proc = subprocess.run(
+        [PY, "-c", _PLACED, how],
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    placed = {}
+    for line in proc.stdout.splitlines():
+        _, controllers, path = line.split(":", 2)
+        placed[controllers] = os.path.basename(path)
+    used = [c for c in ("", "memory", "pids") if c in placed]
+    names = {placed[c] for c in used}
+    assert len(names) == 1 and names.pop().startswith("aero-sandbox-"), proc.stdout
 
 
 def test_quick_commands_in_a_row_all_end() -> None:

@@ -139,7 +139,9 @@ class CgroupBackend:
         cgroup_mutex (5-15 ms on the development VM; every cgroup mkdir on the host waits too).
         A child born in the cgroup (CLONE_INTO_CGROUP) takes it for reading only: bench/floor.py
         measured 4.8 ms against 17 ms for fork and three cgroup.procs writes."""
-        if self.v2 is None or not _clone_into_works:
+        # Only single-threaded: the child of a raw clone3 gets no interpreter re-init, and a
+        # thread waiting for the GIL at that moment would leave the child waiting on it.
+        if self.v2 is None or not _clone_into_works or len(os.listdir("/proc/self/task")) > 1:
             return os.fork()
         fd = os.open(self.v2.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         pid = -1

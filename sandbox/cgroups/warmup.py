@@ -11,12 +11,12 @@ sandbox. When the child moves itself into the sandbox it has passed, or mostly.
 Best effort: where the file cannot be written (not root, no delegation) nothing happens. A
 kernel that takes a lighter lock (the `favordynmods` mount option) needs none of this.
 
-Since Linux 5.7 it is not done: the child is born in its v2 cgroup (clone3
-CLONE_INTO_CGROUP, backends/cgroup.py) and joins v1 ones through `tasks`, and no writer waits
-(on 6.18; a kernel that still takes the rwsem for a `tasks` write makes a v1-only host wait).
-There the warm-up would only hurt: its writer waits out the grace period holding cgroup_mutex,
-and the sandbox's mkdirs wait behind it. (Where a seccomp filter refuses clone3, the child's
-cgroup.procs write waits the grace period itself.)
+Since Linux 5.7 it is not started (sandbox/cli.py checks): the child is born in its v2 cgroup
+(clone3 CLONE_INTO_CGROUP, backends/cgroup.py) and joins v1 ones through `tasks`, and no writer
+waits (on 6.18; a kernel that still takes the rwsem for a `tasks` write makes a v1-only host
+wait). There the warm-up would only hurt: its writer waits out the grace period holding
+cgroup_mutex, and the sandbox's mkdirs wait behind it. (Where a seccomp filter refuses clone3,
+the child's cgroup.procs write waits the grace period itself.)
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ def start() -> None:
         # The thread may still wait in its write when we fork; Python 3.12+ warns of forks in
         # a process with threads (ignored by default): honour -W / PYTHONWARNINGS by not trying.
         return
-    if _release() >= (5, 7):
-        return  # the child is born in its v2 cgroup, or joins v1 ones through tasks (see above)
     try:
         hierarchies = cgroupfs.discover(read_controllers=False)
         # A v1 hierarchy first: the cgroup backend never moves the launcher there, while on v2
@@ -72,9 +70,3 @@ def _move_into_own_cgroup(fd: int, interval: float) -> None:  # pragma: no cover
         pass
     finally:
         os.close(fd)
-
-
-def _release() -> tuple[int, int]:
-    """The running kernel's (major, minor) version."""
-    major, minor = os.uname().release.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)

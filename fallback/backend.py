@@ -63,6 +63,7 @@ class RlimitBackend:
         self._main: int | None = None
         self._excluded: set[int] = set()
         self._ended_by: str | None = None
+        self._killed = False  # kill_all emptied the tree: nothing left to sample
         self._nice = 0  # the caller's priority, which the command keeps
 
     # -- prepare ------------------------------------------------------------------------------
@@ -131,8 +132,12 @@ class RlimitBackend:
         return []
 
     def check(self) -> str | None:
+        # After kill_all (the tear-down's last check comes then) the tree is gone: a sample
+        # would measure nothing, and the first one reads a stat file per process of the host.
         if self._ended_by is not None or self._watchdog is None or self._main is None:
             return self._ended_by
+        if self._killed:
+            return None
         memory, tasks = self._watchdog.sample()
         self.tick_s = self._watchdog.interval_s
         self._publish()
@@ -162,6 +167,7 @@ class RlimitBackend:
             return left
 
         left = linux.until_empty(kill_round, KILL_TIMEOUT_S)
+        self._killed = not left and self._main is not None
         if left:
             raise SandboxError(
                 f"processes {sorted(left)} did not die within {KILL_TIMEOUT_S:g} s of SIGKILL"
@@ -185,6 +191,9 @@ class RlimitBackend:
         """Live (not zombie) descendants of the launcher, the guardian's subtree excluded."""
         if self._main is None:  # nothing was started: the launcher's only child is the guardian
             return set()
+        if _CHILDREN_LISTED:
+            roots = set(proctree.own_children(self._launcher)) - self._excluded
+            return {pid for pid, info in proctree.walk(roots).items() if info.state not in "ZX"}
         procs = proctree.table()
         roots = {
             pid
@@ -285,6 +294,11 @@ class RlimitBackend:
         return Placement(
             address_space_bytes=self._rlimits.get("RLIMIT_AS"), enforcement=enforcement
         )
+
+
+# Without the children lists (a kernel without CONFIG_PROC_CHILDREN) the tree is found in a
+# table of every process: a stat read per process of the host, per kill round.
+_CHILDREN_LISTED = proctree.children_listed()
 
 
 def _alive(pid: int) -> bool:

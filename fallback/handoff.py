@@ -11,18 +11,19 @@ flips the index, so a launcher killed mid-write leaves the previous list intact.
 from __future__ import annotations
 
 import mmap
-import struct
 
-_INDEX = struct.Struct("<I")  # which half is current
-_COUNT = struct.Struct("<I")
-_ENTRY = struct.Struct("<iQ")  # pid, start time (clock ticks since boot)
+# Little-endian fields, without `struct` (~1 ms of the rlimit backend's start-up):
+# the current half's index (u32); in each half a count (u32), then per entry
+# the pid (i32) and its start time (u64, clock ticks since boot).
+_U32 = 4
+_ENTRY = 12
 CAPACITY = 32768  # entries per half: the default pid_max; 384 KiB each, touched only as used
-_HALF = _COUNT.size + CAPACITY * _ENTRY.size
+_HALF = _U32 + CAPACITY * _ENTRY
 
 
 class Handoff:
     def __init__(self) -> None:
-        self._map: mmap.mmap | None = mmap.mmap(-1, _INDEX.size + 2 * _HALF)  # MAP_SHARED
+        self._map: mmap.mmap | None = mmap.mmap(-1, _U32 + 2 * _HALF)  # MAP_SHARED
         self._written: list[tuple[int, int]] = []
 
     def write(self, entries: list[tuple[int, int]]) -> None:
@@ -31,20 +32,25 @@ class Handoff:
             return
         self._written = entries
         entries = entries[:CAPACITY]
-        half = 1 - _INDEX.unpack_from(self._map, 0)[0]
-        offset = _INDEX.size + half * _HALF
-        _COUNT.pack_into(self._map, offset, len(entries))
-        packed = b"".join(_ENTRY.pack(pid, start) for pid, start in entries)
-        self._map[offset + _COUNT.size : offset + _COUNT.size + len(packed)] = packed
-        _INDEX.pack_into(self._map, 0, half)
+        half = 1 - int.from_bytes(self._map[:_U32], "little")
+        offset = _U32 + half * _HALF
+        packed = len(entries).to_bytes(_U32, "little") + b"".join(
+            pid.to_bytes(4, "little", signed=True) + start.to_bytes(8, "little")
+            for pid, start in entries
+        )
+        self._map[offset : offset + len(packed)] = packed
+        self._map[:_U32] = half.to_bytes(_U32, "little")
 
     def read(self) -> list[tuple[int, int]]:
         if self._map is None:
             return []
-        offset = _INDEX.size + _INDEX.unpack_from(self._map, 0)[0] * _HALF
-        count = _COUNT.unpack_from(self._map, offset)[0]
-        start = offset + _COUNT.size
-        return [_ENTRY.unpack_from(self._map, start + i * _ENTRY.size) for i in range(count)]
+        offset = _U32 + int.from_bytes(self._map[:_U32], "little") * _HALF
+        count = int.from_bytes(self._map[offset : offset + _U32], "little")
+        found = []
+        for at in range(offset + _U32, offset + _U32 + count * _ENTRY, _ENTRY):
+            pid = int.from_bytes(self._map[at : at + 4], "little", signed=True)
+            found.append((pid, int.from_bytes(self._map[at + 4 : at + _ENTRY], "little")))
+        return found
 
     def close(self) -> None:
         if self._map is not None:

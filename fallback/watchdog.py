@@ -104,12 +104,14 @@ class Watchdog:
         if info is not None:
             self.members[main] = info.start
         self._excluded = excluded
-        # Sort the host's other processes out now, while the child execs: it costs a stat read
-        # each (~1-5 ms), which would otherwise inflate the first sample and its interval.
-        self._discover()
 
     def sample(self) -> tuple[int, int]:
         """(memory, tasks) of the tree now; updates the peaks and the next interval."""
+        if not self.samples:
+            # The host's other processes are sorted out once, at the first sample (a stat read
+            # each, ~1-5 ms for ~120): a command that ends sooner (most) never pays it. Not
+            # counted in the sample's cost, which sets the interval.
+            self._discover()
         began = time.thread_time()  # CPU, not wall time: a busy host must not stretch the interval
         self._discover()
         memory = tasks = 0

@@ -28,7 +28,7 @@ def main(args: list[str] | None = None) -> int:
         if args[:1] == ["run"]:
             args = args[1:]
         request = parse_run(args, os.environ, SUBCOMMANDS)
-        if request.backend in ("auto", "cgroup"):
+        if request.backend in ("auto", "cgroup") and _before_clone_into_cgroup():
             from sandbox.cgroups import warmup
 
             warmup.start()  # while the rest is imported: see sandbox/cgroups/warmup.py
@@ -41,6 +41,16 @@ def main(args: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def _before_clone_into_cgroup() -> bool:
+    """Linux before 5.7, where the child cannot be born in its cgroup: only there does the
+    warm-up help (sandbox/cgroups/warmup.py), and only there is it imported."""
+    try:
+        major, minor = os.uname().release.split(".")[:2]
+        return (int(major), int("".join(c for c in minor if c.isdigit()) or 0)) < (5, 7)
+    except ValueError:  # a release string of another shape: a kernel of our time
+        return False
 
 
 def exit_now(code: int) -> None:

@@ -15,16 +15,23 @@ import os
 
 from sandbox.cgroups import cgroupfs, pressure, tree, v1, v2
 from sandbox.cgroups.cgroupfs import Hierarchy
-from sandbox.core import identity
+from sandbox.core import identity, linux
 from sandbox.core.errors import BackendUnavailable, SandboxError, UsageError
 from sandbox.core.limits import Limits
 from sandbox.core.result import Placement, Reason, Usage
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal as _signal
+
     from sandbox.budgets.oom import BudgetWatch
+else:
+    import _signal  # the C half of `signal`: its enums cost ~4 ms of start-up
 
 CONTROLLERS = ("memory", "pids")
+# The PSI trigger of --oom-pressure is made this long after the start (sandbox/cgroups/pressure.py:
+# closing one costs ~4-20 ms), so a short command never pays for it.
+PRESSURE_ARM_AFTER_S = 1.0
 
 READ_ONLY_REMEDY = (
     "the cgroup filesystem is read-only (an unprivileged container?): run the container with "
@@ -59,6 +66,7 @@ class CgroupBackend:
         self._parents: set[str] = set()
         self._pressure: pressure.PressureWatch | None = None  # --oom-pressure (PSI, v2 dir)
         self._removed = False
+        self._born_in_v2 = False  # set in the child by fork(): it needs no cgroup.procs write
 
     @property
     def tick_s(self) -> float | None:
@@ -110,6 +118,7 @@ class CgroupBackend:
             self._pressure = pressure.watch(
                 self.v2.path if self.v2 else None,
                 limits,
+                PRESSURE_ARM_AFTER_S,
                 memory_dir=self.memory.path if self.memory else None,
             )
         except BaseException:
@@ -125,13 +134,40 @@ class CgroupBackend:
         return path
 
     # -- run ----------------------------------------------------------------------------------
+    def fork(self) -> int:
+        """os.fork(), the child born in the sandbox's v2 cgroup where the kernel can (Linux 5.7+).
+
+        Moving a process in through cgroup.procs takes the global cgroup_threadgroup_rwsem for
+        writing, whose first writer after a quiet spell waits for an RCU grace period, holding
+        cgroup_mutex (5-15 ms on the development VM; every cgroup mkdir on the host waits too).
+        A child born in the cgroup (CLONE_INTO_CGROUP) takes it for reading only: bench/floor.py
+        measured 4.8 ms against 17 ms for fork and three cgroup.procs writes."""
+        # Only single-threaded: the child of a raw clone3 gets no interpreter re-init, and a
+        # thread waiting for the GIL at that moment would leave the child waiting on it.
+        if self.v2 is None or not _clone_into_works or not _single_threaded():
+            return os.fork()
+        fd = os.open(self.v2.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        pid = -1
+        try:
+            pid = linux.clone_into_cgroup(fd, _signal.SIGCHLD)
+        except OSError:  # ENOSYS (a seccomp filter, an old kernel), EINVAL...: the old way
+            _clone_into_works.clear()
+        finally:
+            if pid != 0:
+                os.close(fd)  # in the child it is close-on-exec
+        if pid == 0:
+            self._born_in_v2 = True
+            return 0
+        return pid if pid > 0 else os.fork()
+
     def child_setup(self) -> None:
         # The forked child has one thread, so v1's `tasks` moves all of it; a write of 0 there
-        # skips the global cgroup_threadgroup_rwsem, whose first writer waits for an RCU grace
-        # period (5-15 ms here; sandbox/cgroups/warmup.py). Measured on Linux 6.18
+        # skips cgroup_threadgroup_rwsem (see fork()). Measured on Linux 6.18
         # (cgroup_procs_write_start); older kernels may take it here too, at no loss. v2 has no
-        # such file for a domain cgroup.
+        # such file for a domain cgroup: there, unless the child was born in it, cgroup.procs.
         for cgroup in self.created:
+            if cgroup is self.v2 and self._born_in_v2:
+                continue
             join = "/cgroup.procs" if cgroup.version == 2 else "/tasks"
             cgroupfs.write(cgroup.path + join, "0")
 
@@ -215,6 +251,17 @@ class CgroupBackend:
             cgroup_mode=cgroupfs.cgroup_mode(versions),
             budget=None if self.budget is None else self.budget.describe(),
         )
+
+
+# Cleared once clone3 is refused here: every later fork goes the old way at once.
+_clone_into_works = [True]
+
+
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:  # no /proc: cannot tell
+        return False
 
 
 def controller_sources(hierarchies: list[Hierarchy]) -> dict[str, Hierarchy]:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 
 from sandbox.cgroups import cgroupfs
-from sandbox.cgroups.v1 import UNLIMITED as V1_UNLIMITED
 from sandbox.core.result import Placement
+
+# At or above this a v1 limit means none (v1.UNLIMITED; not imported from there: the rlimit
+# backend asks too, and would import v1 and tree for this number alone).
+V1_UNLIMITED = 1 << 60
 
 
 def enclosing_memory_limit(start: str | None = None) -> tuple[int | None, str | None]:

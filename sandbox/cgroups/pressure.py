@@ -39,13 +39,23 @@ TRIGGER_WINDOWS_US = (1_000_000, 2_000_000)
 
 
 class PressureWatch:
-    """One sandbox's memory-pressure watch. `fd` is polled for POLLPRI; call check() on news."""
+    """One sandbox's memory-pressure watch. `fd` is polled for POLLIN; call check() on news and
+    when `tick_s` (seconds from the last check) has passed.
+
+    With `arm_after_s`, the trigger is made by the first check() after that delay, not now:
+    closing a trigger costs its closer a synchronize_rcu() and the stop of the cgroup's psimon
+    kthread (psi_trigger_destroy; 4-20 ms on the 2-core development VM, Linux 6.18), the largest
+    single cost of a short run's tear-down. A command that ends within the delay never has one.
+    Nothing is lost: the arming check records the stall counter, which has counted since the
+    cgroup was made, so the decision over a window can come as early as it would have.
+    """
 
     def __init__(
         self,
         directory: str,
         threshold_pct: float,
         window_s: float,
+        arm_after_s: float = 0.0,
         memory_dir: str | None = None,
         own_bytes: int | None = None,
     ) -> None:
@@ -53,25 +63,50 @@ class PressureWatch:
         self.memory_dir, self.own_bytes = memory_dir, own_bytes  # for culprit()
         self.threshold_pct = threshold_pct
         self.window_s = window_s
-        self._trigger = _open_trigger(self.file, threshold_pct)
-        self._epoll: select.epoll | None = None
-        self.fd: int | None = None  # for the supervisor's poll (POLLIN)
-        if self._trigger is not None:
-            self._epoll = select.epoll()  # close-on-exec
-            self._epoll.register(self._trigger, select.EPOLLPRI)
-            self.fd = self._epoll.fileno()
-        # Where triggers are refused, the supervisor calls check() every second instead.
-        self.tick_s = None if self.fd is not None else 1.0
+        self._trigger: int | None = None
+        # The epoll fd exists from the start, so the supervisor polls it from the start: it
+        # holds the trigger for POLLPRI alone once there is one, and reads idle until it fires.
+        self._epoll: select.epoll | None = select.epoll()  # close-on-exec
+        self.fd: int | None = self._epoll.fileno()
+        self._armed = False
+        self._arm_at = time.monotonic() + arm_after_s  # not before: the tear-down checks too
+        self._off = False  # no PSI here after all: never fires
+        self.tick_s: float | None = arm_after_s
         self.fired: Pressure | None = None
         self._samples: list[tuple[float, int]] = []  # (monotonic s, cumulative full stall us)
+        if not arm_after_s:
+            try:
+                self._arm()
+            except OSError:
+                self.close()
+                raise
+
+    def _arm(self) -> None:
+        """Make the trigger. Raises OSError when the file is missing or PSI is off."""
+        self._armed = True
+        self._trigger = _open_trigger(self.file, self.threshold_pct)
+        if self._trigger is not None and self._epoll is not None:
+            self._epoll.register(self._trigger, select.EPOLLPRI)
+        # Where triggers are refused, the supervisor calls check() every second instead.
+        self.tick_s = None if self._trigger is not None else 1.0
 
     def check(self) -> bool:
         """True once the stall share over the last window reached the threshold (stays True)
         while this sandbox fills the limit it stalls at (see `culprit`)."""
+        if not self._armed:
+            if time.monotonic() < self._arm_at:
+                return False
+            try:
+                self._arm()
+            except OSError:  # no memory.pressure (Linux < 4.20, psi=0): the OOM killer alone
+                self._off, self.tick_s = True, None
+                return False
         if self._epoll is not None:
             self._epoll.poll(0)  # take the trigger's event, so the fd reads idle again
         if self.fired is not None:
             return True
+        if self._off:
+            return False
         total = read_full_total(self.file)
         if total is None:
             return False
@@ -92,10 +127,15 @@ class PressureWatch:
 
 
 def watch(
-    directory: str | None, limits: Limits, *, memory_dir: str | None = None
+    directory: str | None,
+    limits: Limits,
+    arm_after_s: float = 0.0,
+    *,
+    memory_dir: str | None = None,
 ) -> PressureWatch | None:
-    """A watch on the cgroup `directory` (a v2 one), or None when it is off or PSI is missing.
-    `memory_dir`: the sandbox's memory cgroup (where its --mem is set), for culprit()."""
+    """A watch on the cgroup `directory` (a v2 one), or None when it is off or PSI is missing
+    (known at once only when armed at once: see PressureWatch). `memory_dir`: the sandbox's
+    memory cgroup (where its --mem is set), for culprit()."""
     if directory is None or limits.oom_pressure_pct is None or limits.memory_bytes is None:
         return None
     try:
@@ -103,6 +143,7 @@ def watch(
             directory,
             limits.oom_pressure_pct,
             limits.oom_pressure_window_s,
+            arm_after_s,
             memory_dir,
             limits.memory_bytes,
         )

@@ -10,6 +10,13 @@ sandbox. When the child moves itself into the sandbox it has passed, or mostly.
 
 Best effort: where the file cannot be written (not root, no delegation) nothing happens. A
 kernel that takes a lighter lock (the `favordynmods` mount option) needs none of this.
+
+Since Linux 5.7 it is not started (sandbox/cli.py checks): the child is born in its v2 cgroup
+(clone3 CLONE_INTO_CGROUP, backends/cgroup.py) and joins v1 ones through `tasks`, and no writer
+waits (on 6.18; a kernel that still takes the rwsem for a `tasks` write makes a v1-only host
+wait). There the warm-up would only hurt: its writer waits out the grace period holding
+cgroup_mutex, and the sandbox's mkdirs wait behind it. (Where a seccomp filter refuses clone3,
+the child's cgroup.procs write waits the grace period itself.)
 """
 
 from __future__ import annotations

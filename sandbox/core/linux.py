@@ -1,4 +1,4 @@
-"""The few Linux calls Python's standard library lacks: prctl and signalfd.
+"""The few Linux calls Python's standard library lacks: prctl, signalfd and clone3.
 
 They go through `_ctypes`, the C core of ctypes, not through the `ctypes` package: the package
 builds its type classes at import (~3 ms, as long as the rest of our imports together), the
@@ -49,9 +49,19 @@ class _Libc:
     _handle = _ctypes.dlopen(None)  # type: ignore[arg-type]  # typeshed lacks dlopen(NULL)
 
 
+class _HeldFunction(_Function):
+    """As _Function, but the GIL stays held across the call (ctypes.PyDLL): a clone's child
+    returns into Python holding it, as after os.fork()."""
+
+    _flags_ = _Function._flags_ | _ctypes.FUNCFLAG_PYTHONAPI
+
+
 # typeshed types the library as a ctypes.CDLL; _ctypes only reads its _handle.
 _prctl = _Function(("prctl", _Libc))  # type: ignore[arg-type]
 _signalfd = _Function(("signalfd", _Libc))  # type: ignore[arg-type]
+_syscall = _HeldFunction(("syscall", _Libc))  # type: ignore[arg-type]
+SYS_CLONE3 = 435  # the same number on every architecture's table (x86-64, arm64...)
+CLONE_INTO_CGROUP = 0x200000000
 
 
 def _check(result: int) -> int:
@@ -68,6 +78,21 @@ def set_child_subreaper() -> None:
 
 def set_parent_death_signal(signo: int) -> None:
     _check(_prctl(PR_SET_PDEATHSIG, signo, 0, 0, 0))
+
+
+def clone_into_cgroup(cgroup_fd: int, exit_signal: int) -> int:
+    """fork(), the child born in the cgroup v2 directory open as `cgroup_fd` (clone3 with
+    CLONE_INTO_CGROUP, Linux 5.7+): 0 in the child, its pid in the parent. OSError where it is
+    refused (ENOSYS: older kernel or a seccomp filter; EINVAL...); nothing was started then.
+
+    Unlike os.fork(), no at-fork handlers run and no interpreter lock is re-made: the child may
+    only do what a forked child of a single-threaded launcher does before exec (no imports, no
+    threads), which is all our spawn does."""
+    # struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size,
+    # tls, set_tid, set_tid_size, cgroup; a u64 each
+    fields = (CLONE_INTO_CGROUP, 0, 0, 0, exit_signal, 0, 0, 0, 0, 0, cgroup_fd)
+    args = b"".join(value.to_bytes(8, "little") for value in fields)
+    return _check(_syscall(SYS_CLONE3, args, len(args)))
 
 
 def signalfd(signals: set[int] | frozenset[int]) -> int:

@@ -99,7 +99,8 @@ def spawn(
         protect = protect_limits
     launcher = os.getpid()
     read_end, write_end = os.pipe()  # close-on-exec: EOF means the exec happened
-    pid = os.fork()
+    # The cgroup backend's child is born in its v2 cgroup (CgroupBackend.fork says why).
+    pid = getattr(backend, "fork", os.fork)()
     if pid == 0:  # pragma: no cover - runs in the child
         try:
             os.close(read_end)

@@ -8,9 +8,11 @@ the kernel can always drop and read back, so the OOM killer never fires. Here a 
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,13 @@ import pytest
 from sandbox.cgroups import cgroupfs
 from tests.conftest import (
     LAUNCHER,
+    communicate,
     launcher_env,
     need,
     need_kernel_sandbox,
     read_report,
     run_launcher,
+    wait_until,
 )
 
 PY = sys.executable
@@ -172,3 +176,47 @@ def test_only_the_sandbox_that_fills_a_shared_limit_is_ended_for_pressure(
     a_data, b_data = read_report(tmp_path / "a.json"), read_report(tmp_path / "b.json")
     assert a_data["reason"] == "oom" and a_data["memory_pressure"] is not None, a_data
     assert b_data["reason"] == "exited" and b_data["memory_pressure"] is None, b_data
+
+
+def _pressure_fds(pid: int) -> list[str]:
+    """The launcher's open memory.pressure files (a PSI trigger is one)."""
+    found = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.endswith("/memory.pressure"):
+            found.append(target)
+    return found
+
+
+def test_the_trigger_is_made_only_once_the_command_has_run_a_while() -> None:
+    """Closing a PSI trigger waits for an RCU grace period (4-20 ms): a short command's run
+    never makes one; a longer one gets it after PRESSURE_ARM_AFTER_S."""
+    need(_psi_here(), "this kernel has no PSI (/proc/pressure/memory): no pressure watch")
+    from sandbox.backends.cgroup import PRESSURE_ARM_AFTER_S
+
+    proc = subprocess.Popen(
+        [*LAUNCHER, "--mem", "1G", "--", "sleep", str(PRESSURE_ARM_AFTER_S + 2)],
+        env=launcher_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        early = []
+        deadline = time.monotonic() + PRESSURE_ARM_AFTER_S * 0.5
+        while time.monotonic() < deadline:
+            early += _pressure_fds(proc.pid)
+            time.sleep(0.02)
+        assert early == []
+        assert wait_until(lambda: _pressure_fds(proc.pid), timeout=PRESSURE_ARM_AFTER_S + 1.5)
+    finally:
+        done = communicate(proc, 30)
+    assert done.returncode == 0, done.stderr

@@ -94,6 +94,22 @@ def test_the_tree_is_the_launchers_descendants_without_the_guardian(fake: FakePr
     assert (memory, tasks) == (101 * M, 5)
 
 
+def test_adopting_reads_only_the_main_child(
+    fake: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host's other processes are sorted out at the first sample, not at the start: a
+    command that ends before it (most) costs no stat read per process of the host."""
+    read: list[int] = []
+    monkeypatch.setattr(procfs, "stat", lambda pid: read.append(pid) or fake.stat(pid))
+    fake.add(200, LAUNCHER, 10 * M)
+    dog = Watchdog(LAUNCHER, None, None)
+    dog.adopt(200, {GUARDIAN})
+    assert read == [200]
+    fake.add(201, 200, 20 * M)
+    assert dog.sample() == (30 * M, 2)
+    assert set(read) >= {1, 7, GUARDIAN, 201}
+
+
 def test_a_reused_pid_is_not_counted(fake: FakeProc) -> None:
     fake.add(200, LAUNCHER, 10 * M)
     dog = Watchdog(LAUNCHER, None, None)

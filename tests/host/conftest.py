@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -11,7 +12,7 @@ import pytest
 from sandbox.cgroups import cgroupfs
 from sandbox.cgroups.enclosing import own_memory_cgroup
 from sandbox.core import identity
-from tests.conftest import sandbox_cgroups, wait_until
+from tests.conftest import LAUNCHER, launcher_env, sandbox_cgroups, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -35,9 +36,7 @@ def ours(paths: set[str]) -> set[str]:
         for p in paths
         if p.startswith(memory_root) and not p.startswith(own.rstrip("/") + "/")
     }
-    return {
-        p for p in paths if os.path.basename(p) not in foreign and not _foreign_launcher(p)
-    }
+    return {p for p in paths if os.path.basename(p) not in foreign and not _foreign_launcher(p)}
 
 
 def _foreign_launcher(path: str) -> bool:
@@ -95,3 +94,15 @@ def shared_parent() -> Iterator[str]:
                     break
                 except OSError:
                     time.sleep(0.05)
+
+
+def launch_in(parent: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    """A launcher (output discarded) started inside the v1 cgroup `parent`, so that its
+    sandbox is created below `parent`, beside the sandboxes of the others started there."""
+    return subprocess.Popen(
+        [*LAUNCHER, *argv],
+        env=launcher_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: cgroupfs.write(parent + "/cgroup.procs", "0"),
+    )

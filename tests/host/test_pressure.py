@@ -29,6 +29,7 @@ from tests.conftest import (
     run_launcher,
     wait_until,
 )
+from tests.host.conftest import launch_in
 
 PY = sys.executable
 
@@ -153,15 +154,9 @@ def test_only_the_sandbox_that_fills_a_shared_limit_is_ended_for_pressure(
     cgroupfs.write(shared_parent + "/memory.limit_in_bytes", str(200 << 20))
 
     def start(name: str, code: str) -> subprocess.Popen[bytes]:
-        argv = [*LAUNCHER, "--mem", "1G", "--oom-pressure", "15%/3s", "--timeout", "90"]
+        argv = ["--mem", "1G", "--oom-pressure", "15%/3s", "--timeout", "90"]
         argv += ["--report", str(tmp_path / f"{name}.json"), "--", PY, "-c", code]
-        return subprocess.Popen(
-            [*argv, str(tmp_path / f"{name}.pages")],
-            env=launcher_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=lambda: cgroupfs.write(shared_parent + "/cgroup.procs", "0"),
-        )
+        return launch_in(shared_parent, [*argv, str(tmp_path / f"{name}.pages")])
 
     b = start("b", NEIGHBOUR)
     try:

@@ -22,6 +22,7 @@ from tests.conftest import (
     read_report,
     run_launcher,
 )
+from tests.host.conftest import launch_in
 from tests.programs import ALLOCATE
 
 PY = os.environ.get("AERO_TEST_PYTHON", "/usr/bin/python3")
@@ -136,13 +137,8 @@ def test_an_oom_in_a_shared_parent_kills_only_the_sandbox_it_hit(
 
     def start(name: str, code: str) -> subprocess.Popen[bytes]:
         report = tmp_path / f"{name}.json"
-        argv = [*LAUNCHER, "--mem", "1G", "--report", str(report), "--", PY, "-c", code]
-        return subprocess.Popen(
-            argv,
-            env=launcher_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=lambda: cgroupfs.write(shared_parent + "/cgroup.procs", "0"),
+        return launch_in(
+            shared_parent, ["--mem", "1G", "--report", str(report), "--", PY, "-c", code]
         )
 
     a = start("a", hold)

@@ -1,18 +1,163 @@
-"""bench/crowd.py's figures: the admission rule simulated without overhead, and where mode c's
-time goes, job by job (from the timeline crowd.py's watcher records)."""
+"""bench/crowd.py's job, its plain parent cgroup, its figures (the admission rule simulated
+without overhead, where a run's time goes job by job) and its floor: the same jobs admitted by the
+same rule with no aero-sandbox at all, so that what c loses to the floor is ours and what the floor
+loses to the ideal is the machine's."""
 
 from __future__ import annotations
 
+import os
+import resource
+import signal
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sandbox.budgets import cgroup as levels_fs  # noqa: E402
 from sandbox.budgets.admission import Ticket, decide  # noqa: E402
 from sandbox.budgets.model import Caps, Level  # noqa: E402
+from sandbox.cgroups import cgroupfs, tree  # noqa: E402
 
 INTERPRETER = 12 << 20  # what python itself takes on top of a job's bytes
+# Takes its peak at once (MAP_POPULATE: the kernel faults every page in), holds it, exits 0.
+# Stamps (wall clock) when it starts and when it lets go, in the file argv[3] (for the per-job
+# table): the start, the moment its peak is faulted in, the end of its hold.
+JOB = (
+    "import mmap, sys, time\n"
+    "start = time.time(); peak, seconds = int(sys.argv[1]), float(sys.argv[2])\n"
+    "flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE\n"
+    "held = mmap.mmap(-1, peak, flags=flags); faulted = time.time()\n"
+    "time.sleep(max(0.0, seconds - (time.time() - start)))\n"
+    "held.close(); end = time.time()\n"
+    "open(sys.argv[3], 'w').write(f'{start} {faulted} {end}')\n"
+)
+
+
+class Parent:
+    """Mode a: a plain cgroup with a memory cap, made in each hierarchy, for --parent."""
+
+    def __init__(self, cap: int) -> None:
+        places = levels_fs.bases()
+        memory = levels_fs.memory_base(places)
+        # Below our own cgroup in each hierarchy (on a hybrid host those differ: memory's own
+        # path joined to another mount would make directories that remove() leaves behind).
+        name = f"crowd-parent-{os.getpid()}"
+        self.paths = [os.path.join(h.own, name) for h in places]
+        for path in self.paths:
+            os.mkdir(path)
+        self.memory = os.path.join(memory.own, name)
+        self.version = memory.version
+        if self.version == 2:
+            cgroupfs.write(self.memory + "/memory.max", str(cap))
+        else:
+            cgroupfs.write(self.memory + "/memory.limit_in_bytes", str(cap))
+            if os.path.exists(self.memory + "/memory.memsw.limit_in_bytes"):
+                cgroupfs.write(self.memory + "/memory.memsw.limit_in_bytes", str(cap))
+
+    def peak(self) -> int | None:
+        name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
+        return cgroupfs.read_int(f"{self.memory}/{name}")
+
+    def usage(self) -> int | None:
+        name = "memory.current" if self.version == 2 else "memory.usage_in_bytes"
+        return cgroupfs.read_int(f"{self.memory}/{name}")
+
+    def remove(self) -> None:
+        for path in sorted(self.paths, key=len, reverse=True):
+            tree.remove(path, timeout_s=2)
+
+
+def spawn(argv: list[str], cgroups: list[str]) -> int:
+    """fork, move the child into the cgroups (each hierarchy's, as a sandbox would be), exec:
+    the kernel charges and zeroes its pages exactly as in a sandbox, with nothing else around it."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for path in cgroups:
+                fd = os.open(path + "/cgroup.procs", os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(127)
+    return pid
+
+
+def run_floor(jobs: list[tuple[int, float]], cap: int, workdir: Path) -> dict:
+    """The floor: the same jobs, admitted by the same rule (admission.decide itself, reservation
+    = peak + interpreter, the usage read from the kernel at each decision), with no aero-sandbox:
+    this one process forks and execs each job into one plain cgroup capped at CAP and learns of
+    each exit from wait4, so the hand-over is instant. Nothing here can be made faster by us."""
+    parent = Parent(cap)
+    waiting = [
+        Ticket(i + 1, 0, "f", p + INTERPRETER, 0.0, False, []) for i, (p, _s) in enumerate(jobs)
+    ]
+    running: dict[int, Ticket] = {}  # pid -> its ticket, now running
+    per_job: list[dict] = [{"peak": p, "nominal_s": s} for p, s in jobs]
+    lost = kills = 0
+    job_cpu = 0.0
+    mine_before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.time()
+    try:
+        while waiting or running:
+            level = Level("f", parent.memory, Caps(cap), parent.usage(), None)
+            for ticket in list(waiting):
+                if not decide(ticket, [*running.values(), *waiting], [level]).admitted:
+                    continue
+                waiting.remove(ticket)
+                index = ticket.number - 1
+                stamps = str(workdir / f"floor-{index}.stamps")
+                argv = [sys.executable, "-c", JOB, str(jobs[index][0]), str(jobs[index][1]), stamps]
+                per_job[index]["admitted"] = time.time()
+                pid = spawn(argv, parent.paths)
+                running[pid] = Ticket(ticket.number, pid, "f", ticket.reserve, 0.0, True, [])
+            if not running:
+                raise ValueError("a job larger than the cap")
+            pid, status, usage = os.wait4(-1, 0)
+            now = time.time()
+            done = running.pop(pid, None)
+            if done is None:  # not a job (the canary): crowd.py sees it gone
+                continue
+            row = per_job[done.number - 1]
+            row.update(released=now, exited=now, reason="exit" if status == 0 else str(status))
+            job_cpu += usage.ru_utime + usage.ru_stime
+            lost += status != 0
+            kills += os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        makespan = time.time() - start
+        peak_seen = parent.peak()
+    finally:
+        for pid in running:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        parent.remove()
+    mine = resource.getrusage(resource.RUSAGE_SELF)
+    for index, row in enumerate(per_job):
+        row.update(launched=start, queued=start)
+        stamps_file = workdir / f"floor-{index}.stamps"
+        if stamps_file.exists():
+            begun, faulted, ended = (float(x) for x in stamps_file.read_text().split())
+            row.update(job_start=begun, faulted=faulted, job_end=ended)
+    ideal = sum(peak * seconds for peak, seconds in jobs) / cap
+    return {
+        "mode": "floor",
+        "jobs_lost": lost,
+        "oom_kills": kills,
+        "pressure_kills": 0,
+        "peak_bytes": peak_seen,
+        "cap_bytes": cap,
+        "makespan_s": round(makespan, 2),
+        "ideal_s": round(ideal, 2),
+        "makespan_vs_ideal": round(makespan / ideal, 2),
+        "load": round(os.getloadavg()[0], 1),
+        "job_cpu_s": round(job_cpu, 1),
+        # this process: deciding, forking (the jobs' exec and start-up are theirs)
+        "launcher_cpu_s": round(
+            mine.ru_utime + mine.ru_stime - mine_before.ru_utime - mine_before.ru_stime, 1
+        ),
+        "per_job": per_job,
+    }
 
 
 def simulate(sizes: list[int], durations: list[float], cap: int) -> float:

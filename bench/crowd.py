@@ -325,7 +325,7 @@ def main() -> int:
         )
         print(f"    CPU: jobs {row['job_cpu_s']} s, launchers {row['launcher_cpu_s']} s")
         for key, value in row.get("breakdown", {}).items():
-            unit = {"ideal_from_crowd_run_s": " s"}.get(key, " s (median)")
+            unit = " s" if key.endswith("_s") else " s (median)"
             unit = "" if key in ("vs_ideal_from_crowd_run", "reserved_vs_cap") else unit
             print(f"    {key}: {value}{unit}")
     floors = [r for r in rows if r["mode"] == "floor"]

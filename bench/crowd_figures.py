@@ -186,7 +186,7 @@ def median(values: list[float]) -> float | None:
 
 
 def breakdown(row: dict) -> dict:
-    """Where mode c's time goes, per job (medians, seconds)."""
+    """Where a run's time goes (c's or the floor's), per job (medians, seconds)."""
     jobs = [j for j in row["per_job"] if j.get("admitted") and j.get("job_start")]
     releases = sorted(j["released"] for j in jobs if j.get("released"))
     learn = []
@@ -228,4 +228,27 @@ def breakdown(row: dict) -> dict:
         "held_minus_nominal": median(
             [j["released"] - j["admitted"] - j["nominal_s"] for j in jobs if j.get("released")]
         ),
+        **replay(row),
+    }
+
+
+def replay(row: dict) -> dict:
+    """The makespan split into its parts: the rule simulated (no overhead) on the run's own queue
+    order (c's launchers race to the queue) with each job's nominal duration, then with how long
+    it really ran in the crowd, then with how long it held its reservation; and how late the
+    first job started. Set against the floor's, each step shows where c's extra time went."""
+    jobs = row["per_job"]
+    if not all(j.get("released") and j.get("job_start") for j in jobs):
+        return {}  # a job without a timeline (lost, or its ticket not seen)
+    order = sorted(range(len(jobs)), key=lambda i: (jobs[i]["queued"], i))
+    sizes = [jobs[i]["peak"] + INTERPRETER for i in order]
+
+    def rule(durations: list[float]) -> float:
+        return round(simulate(sizes, durations, row["cap_bytes"]), 2)
+
+    return {
+        "first_job_start_s": round(min(j["job_start"] - j["launched"] for j in jobs), 2),
+        "rule_in_its_queue_order_nominal_s": rule([jobs[i]["nominal_s"] for i in order]),
+        "rule_on_crowd_run_s": rule([jobs[i]["job_end"] - jobs[i]["job_start"] for i in order]),
+        "rule_on_held_s": rule([jobs[i]["released"] - jobs[i]["admitted"] for i in order]),
     }

@@ -41,13 +41,20 @@ class Parent:
     def __init__(self, cap: int) -> None:
         places = levels_fs.bases()
         memory = levels_fs.memory_base(places)
-        # Below our own cgroup in each hierarchy (on a hybrid host those differ: memory's own
-        # path joined to another mount would make directories that remove() leaves behind).
-        name = f"crowd-parent-{os.getpid()}"
-        self.paths = [os.path.join(h.own, name) for h in places]
+        relative = os.path.relpath(memory.own, memory.mount) + f"/crowd-parent-{os.getpid()}"
+        self.paths = [os.path.join(h.mount, relative) for h in places]
+        # --parent wants the same path in every hierarchy; on a hybrid host our own cgroup in
+        # pids/unified can be another one, so the directories above that we make go too.
+        self.made: list[str] = []
         for path in self.paths:
-            os.mkdir(path)
-        self.memory = os.path.join(memory.own, name)
+            missing = []
+            while not os.path.isdir(path):
+                missing.append(path)
+                path = os.path.dirname(path)
+            for directory in reversed(missing):
+                os.mkdir(directory)
+                self.made.append(directory)
+        self.memory = os.path.join(memory.mount, relative)
         self.version = memory.version
         if self.version == 2:
             cgroupfs.write(self.memory + "/memory.max", str(cap))
@@ -65,8 +72,13 @@ class Parent:
         return cgroupfs.read_int(f"{self.memory}/{name}")
 
     def remove(self) -> None:
-        for path in sorted(self.paths, key=len, reverse=True):
+        for path in self.paths:
             tree.remove(path, timeout_s=2)
+        for directory in sorted(self.made, key=len, reverse=True):
+            try:
+                os.rmdir(directory)  # only if empty: another process may use it by now
+            except OSError:
+                pass
 
 
 def spawn(argv: list[str], cgroups: list[str]) -> int:

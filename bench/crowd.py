@@ -10,6 +10,10 @@ several times the cap, which stands for the host), all started at once:
   b  a budget capped at CAP, same --mem, no reservations, no retries
   c  the same budget with --reserve (the job's peak) and --attempts 3 (a budget_oom victim
      runs again after admission)
+  f  the floor (row "floor"): the same jobs admitted by the same rule (admission.decide) with no
+     aero-sandbox at all, one process forking each job into one plain cgroup capped at CAP and
+     learning of each exit from wait4 (crowd_figures.run_floor). What c loses to it is ours;
+     what it loses to the ideal is the machine's. Interleave: --modes fcfcfc --no-solo
 
 For each: jobs lost (did not finish with exit 0), OOM kills (by the kernel's OOM killer, retried
 budget_oom victims included), pressure kills (the launcher's --oom-pressure kill: also `oom`),
@@ -40,27 +44,14 @@ sys.path.insert(0, str(ROOT))
 
 from sandbox.budgets import cgroup as levels_fs  # noqa: E402
 from sandbox.budgets import membership  # noqa: E402
-from sandbox.cgroups import cgroupfs, tree  # noqa: E402
 from sandbox.core.limits import format_size, parse_size  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from crowd_figures import INTERPRETER, breakdown, simulate  # noqa: E402
+from crowd_figures import INTERPRETER, JOB, Parent, breakdown, run_floor, simulate  # noqa: E402
 from scale import environment, launcher  # noqa: E402
 
 GIB = 1 << 30
 MIB = 1 << 20
-# Takes its peak at once (MAP_POPULATE: the kernel faults every page in), holds it, exits 0.
-# Stamps (wall clock) when it starts and when it lets go, in the file argv[3] (for the per-job
-# table): the start, the moment its peak is faulted in, the end of its hold.
-JOB = (
-    "import mmap, sys, time\n"
-    "start = time.time(); peak, seconds = int(sys.argv[1]), float(sys.argv[2])\n"
-    "flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE\n"
-    "held = mmap.mmap(-1, peak, flags=flags); faulted = time.time()\n"
-    "time.sleep(max(0.0, seconds - (time.time() - start)))\n"
-    "held.close(); end = time.time()\n"
-    "open(sys.argv[3], 'w').write(f'{start} {faulted} {end}')\n"
-)
 
 
 def crowd(count: int, seed: int) -> list[tuple[int, float]]:
@@ -68,34 +59,6 @@ def crowd(count: int, seed: int) -> list[tuple[int, float]]:
     return [
         (int(rng.uniform(0.3, 1.5) * GIB), round(rng.uniform(1.0, 6.0), 2)) for _ in range(count)
     ]
-
-
-class Parent:
-    """Mode a: a plain cgroup with a memory cap, made in each hierarchy, for --parent."""
-
-    def __init__(self, cap: int) -> None:
-        places = levels_fs.bases()
-        memory = levels_fs.memory_base(places)
-        relative = os.path.relpath(memory.own, memory.mount) + f"/crowd-parent-{os.getpid()}"
-        self.paths = [os.path.join(h.mount, relative) for h in places]
-        for path in self.paths:
-            os.makedirs(path, exist_ok=True)
-        self.memory = os.path.join(memory.mount, relative)
-        self.version = memory.version
-        if self.version == 2:
-            cgroupfs.write(self.memory + "/memory.max", str(cap))
-        else:
-            cgroupfs.write(self.memory + "/memory.limit_in_bytes", str(cap))
-            if os.path.exists(self.memory + "/memory.memsw.limit_in_bytes"):
-                cgroupfs.write(self.memory + "/memory.memsw.limit_in_bytes", str(cap))
-
-    def peak(self) -> int | None:
-        name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
-        return cgroupfs.read_int(f"{self.memory}/{name}")
-
-    def remove(self) -> None:
-        for path in sorted(self.paths, key=len, reverse=True):
-            tree.remove(path, timeout_s=2)
 
 
 def budget_peak(name: str) -> int | None:
@@ -299,13 +262,16 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="aero-crowd-") as tmp:
             solo = None if options.no_solo else solo_times(jobs, Path(tmp))
             for mode in options.modes:
-                row = run_mode(mode, jobs, cap, Path(tmp))
+                if mode == "f":
+                    row = run_floor(jobs, cap, Path(tmp))
+                else:
+                    row = run_mode(mode, jobs, cap, Path(tmp))
                 row["outside_touched"] = 0 if witness.poll() is None else 1
                 if solo is not None:
                     held = sum(p * t for (p, _), t in zip(jobs, solo, strict=True))
                     row["ideal_solo_s"] = round(held / cap, 2)
                     row["vs_ideal_solo"] = round(row["makespan_s"] / row["ideal_solo_s"], 2)
-                if mode == "c":
+                if mode in "cf":
                     row["breakdown"] = breakdown(row)
                 rows.append(row)
     finally:
@@ -359,9 +325,14 @@ def main() -> int:
         )
         print(f"    CPU: jobs {row['job_cpu_s']} s, launchers {row['launcher_cpu_s']} s")
         for key, value in row.get("breakdown", {}).items():
-            unit = {"ideal_from_crowd_run_s": " s"}.get(key, " s (median)")
+            unit = " s" if key.endswith("_s") else " s (median)"
             unit = "" if key in ("vs_ideal_from_crowd_run", "reserved_vs_cap") else unit
             print(f"    {key}: {value}{unit}")
+    floors = [r for r in rows if r["mode"] == "floor"]
+    pairs = list(zip(floors, [r for r in rows if r["mode"] == "c"], strict=False))
+    if pairs:  # in run order: interleaved, so the host's load weighs on both alike
+        ratios = ", ".join(f"{c['makespan_s'] / f['makespan_s']:.2f}" for f, c in pairs)
+        print(f"c's makespan over the floor's, pair by pair: {ratios}")
     return 0
 
 

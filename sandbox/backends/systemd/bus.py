@@ -67,12 +67,59 @@ def import_dbuslib() -> tuple[Any, Any]:
         sys.modules["pystemd"] = package
     try:
         import pystemd.dbusexc as errors
-        import pystemd.dbuslib as dbuslib
+
+        dbuslib = sys.modules.get("pystemd.dbuslib") or _import_lean_dbuslib()
     except ImportError:
         if getattr(sys.modules.get("pystemd"), "__path__", None) is not None:
             sys.modules.pop("pystemd", None)  # a bare package that leads nowhere: forget it
         raise
     return dbuslib, errors
+
+
+def _import_lean_dbuslib() -> Any:
+    """pystemd.dbuslib with stand-ins for the two names it imports at load: pprint.pformat (for
+    one error message; pprint loads dataclasses and inspect) and pystemd.utils.x2char_star
+    (utils loads pathlib, uuid, shlex and typing). About half of what is left of the import
+    (20 of 46 ms on the development machine). The stand-ins leave sys.modules once dbuslib has
+    bound them, so a later import of either module gets the real one."""
+    import sys
+
+    stand_ins = {
+        "pprint": _module("pprint", pformat=_pformat),
+        "pystemd.utils": _module("pystemd.utils", x2char_star=_x2char_star),
+    }
+    added = [name for name in stand_ins if name not in sys.modules]
+    for name in added:
+        sys.modules[name] = stand_ins[name]
+    try:
+        import pystemd.dbuslib as dbuslib
+    finally:
+        for name in added:
+            if sys.modules.get(name) is stand_ins[name]:
+                del sys.modules[name]
+    return dbuslib
+
+
+def _module(name: str, **attributes: Any) -> Any:
+    module = type(os)(name)
+    module.__dict__.update(attributes)
+    return module
+
+
+def _pformat(value: Any) -> str:
+    from pprint import pformat  # the real one: the stand-in is gone from sys.modules by now
+
+    return pformat(value)
+
+
+def _x2char_star(value: Any) -> Any:
+    """pystemd.utils.x2char_star for what dbuslib gives it (names, paths, string arguments):
+    text and paths as bytes, anything else as it is."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, os.PathLike):
+        return os.fsencode(value)
+    return value
 
 
 def manager_kind() -> str:

@@ -56,14 +56,15 @@ def import_dbuslib() -> tuple[Any, Any]:
     import sys
 
     if "pystemd" not in sys.modules:
-        from importlib.machinery import PathFinder
-
-        spec = PathFinder.find_spec("pystemd")
-        if spec is None or not spec.submodule_search_locations:
+        # Its directory on sys.path, as the path finder would find it (pystemd's modules are C
+        # extensions: never in a zip), without importlib.machinery (importlib, warnings: ~1 ms).
+        found = (os.path.join(entry or os.curdir, "pystemd") for entry in sys.path)
+        location = next((path for path in found if os.path.isdir(path)), None)
+        if location is None:
             raise ImportError("No module named 'pystemd'")
         package = type(sys)("pystemd")
-        package.__spec__, package.__path__ = spec, list(spec.submodule_search_locations)
-        package.__file__, package.__package__ = spec.origin, "pystemd"
+        package.__path__, package.__package__ = [location], "pystemd"
+        package.__file__ = os.path.join(location, "__init__.py")
         sys.modules["pystemd"] = package
     try:
         import pystemd.dbusexc as errors

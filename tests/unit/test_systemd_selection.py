@@ -93,6 +93,9 @@ def fake_pystemd(
             assert args[3] == b"GetConnectionUnixProcessID"
             return types.SimpleNamespace(body=pid_seen or os.getpid())
 
+        def get_fd(self) -> int:
+            return -1  # sd_bus_get_fd's -errno: no socket to shut down
+
         def close(self) -> None:
             pass
 
@@ -254,6 +257,22 @@ def test_someone_elses_socket_is_not_the_manager(
         backend.prepare(LIMITS, ["true"])
         backend.remove()
     assert opened == ["direct", "bus"]
+
+
+def test_closing_ends_the_connection_for_every_holder_of_its_socket(
+    private_socket: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forked guardian keeps a copy of the fd: the manager must see the connection end."""
+    ours, managers = socket.socketpair()
+    with ours, managers:
+        fake_pystemd(monkeypatch, open_error="no bus", direct_fd=ours.fileno())
+        copy = os.dup(ours.fileno())  # the guardian's
+        try:
+            bus_module.Bus.connect().close()
+            managers.settimeout(5)
+            assert managers.recv(1) == b""  # end of file, though `copy` is still open
+        finally:
+            os.close(copy)
 
 
 def test_peer_credentials_name_the_other_end() -> None:

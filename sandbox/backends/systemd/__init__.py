@@ -5,11 +5,11 @@ One run:
               check that the manager answers and may set the limits asked for
     child     (after fork) blocks on a pipe: not one instruction of the command runs outside
     started   StartTransientUnit(aero-sandbox-<pid>-<id>.scope, PIDs=[child, holder],
-              properties.py), wait (bounded) for its job; scope.arrange moves the child into
-              <scope>/command; read the limits back (v2); then release the child
+              properties.py), wait (bounded) for its job; close the connection; scope.arrange
+              moves the child into <scope>/command; read the limits back (v2); release the child
     supervise check / signal_all / kill_all through <scope>/command (sandbox/cgroups/v2.py)
-    tear down measure <scope>/command; kill the scope's processes and the holder; StopUnit
-              and wait for its job
+    tear down measure <scope>/command; kill the scope's processes and the holder: systemd
+              stops and unloads the emptied scope itself
 systemd still enforces the limits (MemoryMax, TasksMax on the scope) and, through RuntimeMaxUSec,
 the timeout even when the launcher and its guardian are both gone.
 
@@ -79,6 +79,9 @@ class SystemdBackend:
         self._holder = scope.Holder()
         properties = unit_properties(self._limits, self._argv, [pid, self._holder.pid], self.slice)
         self.scope = v2.Cgroup(scope.start(self._bus, self.unit, properties, self.slice, pid))
+        # Not held while the command runs (as systemd-run, which execs it): the manager would
+        # queue every unit's signals for it. Reconnected only when needed (collect_stale).
+        self._close_bus()
         self.command = scope.arrange(self.scope.path, pid, self._holder.pid)
         self._check_limits(self.scope, self._limits)
         self._pressure = pressure.watch(self.command.path, self._limits)
@@ -185,17 +188,19 @@ class SystemdBackend:
 
     def collect_stale(self) -> None:
         """Every scope of a dead launcher that the manager knows (one ListUnitsByPatterns)."""
-        if self._bus is None:
+        if self.scope is None:
             return
         try:
-            self._bus.stop_stale_scopes()
+            self._connected().stop_stale_scopes()
         except SandboxError:
             pass
+        finally:
+            self._close_bus()
 
     def _collect_beside(self) -> None:
         """The teardown's part of collect_stale: dead launchers' scopes in our scope's slice,
         found in the cgroupfs, not asked for (`gc` and runs longer than GC_AFTER_S ask for all)."""
-        if self._bus is None or self.scope is None:
+        if self.scope is None:
             return
         parent = os.path.dirname(self.scope.path)
         try:
@@ -209,7 +214,7 @@ class SystemdBackend:
             return
         for unit in stale:
             try:
-                self._bus.kill_unit(unit)
+                self._connected().kill_unit(unit)
             except SandboxError:
                 pass
 
@@ -230,6 +235,11 @@ class SystemdBackend:
         except SandboxError:
             return None
         return None if path is None else scope.CGROUP_ROOT + path
+
+    def _connected(self) -> Bus:
+        if self._bus is None:
+            self._bus = Bus.connect()
+        return self._bus
 
     def _close_bus(self) -> None:
         if self._bus is not None:

@@ -210,6 +210,20 @@ class Bus:
         return connection
 
     def close(self) -> None:
+        """End the connection for every process that holds its socket, then free it. A forked
+        guardian holds a copy of the fd until the launcher exits, and a direct connection that
+        nobody reads would pile up in the manager the signals it sends to every one of them."""
+        fd = self._bus.get_fd()
+        if fd >= 0:
+            import _socket
+
+            sock = _socket.socket(fileno=fd)
+            try:
+                sock.shutdown(_socket.SHUT_RDWR)
+            except OSError:
+                pass  # not connected (any more): nothing to end
+            finally:
+                sock.detach()
         self._bus.close()
 
     def _call(

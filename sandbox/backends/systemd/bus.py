@@ -256,11 +256,12 @@ class Bus:
             return None if seen == os.getpid() else f"pid {os.getpid()} here, {seen} to the bus"
         if self.manager_pid == 0:  # SO_PEERCRED: the manager is outside our pid namespace
             return f"pid {os.getpid()} here, the manager outside this pid namespace"
-        try:
-            ours, its = (os.readlink(f"/proc/{p}/ns/pid") for p in ("self", self.manager_pid))
-        except OSError as err:
-            return f"cannot compare with the manager's pid namespace: {err.strerror}"
-        return None if ours == its else f"this process in {ours}, the manager in {its}"
+        # Visible to us, the manager's pid namespace is ours or one below it: as deep as ours
+        # (NSpid lists a pid per level; status is readable for anyone's process) means ours.
+        ours, its = _pid_levels("self"), _pid_levels(str(self.manager_pid))
+        if ours is None or its is None:
+            return f"no NSpid in /proc/{self.manager_pid}/status to compare ours with"
+        return None if ours == its else f"the manager, pid {self.manager_pid}, in one below it"
 
     def our_pid(self) -> int:
         """Our pid as the bus (and so systemd) sees it: another number in a pid namespace."""
@@ -376,6 +377,18 @@ def _peer_credentials(fd: int) -> tuple[int, int]:
     finally:
         sock.detach()  # the fd stays sd-bus's
     return int.from_bytes(creds[0:4], sys.byteorder), int.from_bytes(creds[4:8], sys.byteorder)
+
+
+def _pid_levels(pid: str) -> int | None:
+    """How many pid namespaces deep the process is, counted from /proc's (Linux 4.1+)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return len(line.split()) - 1
+    except OSError:
+        pass
+    return None
 
 
 def _manager_cgroup(pid: int) -> str | None:

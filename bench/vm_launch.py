@@ -15,6 +15,9 @@ Interleaved runs, one of each command per round, so drifts of the machine hit al
   systemd-run [--user] --scope true         what systemd itself takes to start a scope
   aero-sandbox --backend systemd -- true    a transient scope per run, through pystemd
   aero-sandbox --backend cgroup -- true     cgroups made below ours, in the delegated scope
+  floor: python + pystemd scope + true      the least a Python launcher on pystemd can do: load
+                                            dbuslib, connect as the backend does, start a scope
+                                            with itself in it, wait for the job, exec true
 Prints a Markdown table: median, p90, and the median minus python's; then the speed target of
 the systemd backend beside its measurement: its median at most python3 -c pass plus
 systemd-run --scope true, both measured in the same run (no worse than a shell wrapper around
@@ -32,6 +35,17 @@ import time
 
 USER = os.geteuid() != 0
 SCOPE = ["systemd-run"] + (["--user"] if USER else []) + ["--quiet", "--scope"]
+
+# The floor: only what any Python launcher on pystemd must do, through the backend's own
+# connection (sandbox/backends/systemd/bus.py), so the gap above it is the launcher's own.
+FLOOR = """
+import os
+from sandbox.backends.systemd.bus import Bus
+bus = Bus.connect()
+assert bus.start_scope(f"aero-floor-{os.getpid()}.scope", [("PIDs", [os.getpid()])]) == "done"
+bus.close()
+os.execvp("true", ["true"])
+"""
 
 
 def timed(argv: list[str]) -> float:
@@ -53,6 +67,7 @@ def commands() -> dict[str, list[str]]:
         " ".join(SCOPE[:-1] + ["--scope", "true"]): SCOPE + ["true"],
         "aero-sandbox --backend systemd -- true": launcher + ["--backend", "systemd", "--", "true"],
         "aero-sandbox --backend cgroup -- true": launcher + ["--backend", "cgroup", "--", "true"],
+        "floor: python + pystemd scope + true": [sys.executable, "-c", FLOOR],
     }
 
 
@@ -79,11 +94,14 @@ def target(rows: list[tuple[str, float, float]]) -> list[str]:
     python, scope, systemd = median[names[0]], median[names[1]], median[names[2]]
     wanted = python + scope
     met = "met" if systemd <= wanted else "**not met**"
+    floor = median[names[4]]
     return [
         "| target | wanted | measured | |",
         "|---|---|---|---|",
         f"| `{names[2]}` | <= python3 + `{names[1]}` = {wanted * 1e3:.0f} ms "
         f"| {systemd * 1e3:.0f} ms ({systemd / wanted:.2f}x) | {met} |",
+        f"| {names[4]} | | {floor * 1e3:.0f} ms ({floor / wanted:.2f}x) | "
+        f"launcher's own: +{(systemd - floor) * 1e3:.0f} ms |",
     ]
 
 

@@ -81,12 +81,22 @@ def test_every_property_type_encodes_balanced() -> None:
 
 
 def test_only_dbuslib_loads_not_the_object_api() -> None:
-    """import_dbuslib skips pystemd/__init__.py, which loads lxml (start-up time)."""
+    """import_dbuslib skips pystemd/__init__.py, which loads lxml, and pystemd.utils and pprint,
+    which load pathlib, inspect... (start-up time); later imports of those get the real ones."""
     code = (
         "import sys\n"
         "from sandbox.backends.systemd.bus import import_dbuslib\n"
         "dbuslib, errors = import_dbuslib()\n"
         "assert 'lxml.etree' not in sys.modules and 'pystemd.systemd1' not in sys.modules\n"
+        "for name in ('pprint', 'pystemd.utils', 'pathlib', 'inspect', 'typing', 'uuid'):\n"
+        "    assert name not in sys.modules, name\n"
+        "assert dbuslib.apply_signature(b's', [b'x']) == [(ord('s'), b'x')]\n"
+        "import pprint, pystemd.utils\n"
+        "assert hasattr(pprint, 'PrettyPrinter') and hasattr(pystemd.utils, 'str2cmd')\n"
+        "import pathlib\n"
+        "assert [pystemd.utils.x2char_star(v) for v in ('a', b'b', pathlib.Path('/c'), 1)] == [\n"
+        "    dbuslib.x2char_star(v) for v in ('a', b'b', pathlib.Path('/c'), 1)]\n"
+        "assert 'TypeError' in dbuslib.pformat([TypeError])\n"
     )
     root = Path(__file__).resolve().parents[2]  # this checkout's sandbox/, not an installed one
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=root)

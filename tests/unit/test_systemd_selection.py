@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import types
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from sandbox.backends import selection
 from sandbox.backends import systemd as systemd_backend
+from sandbox.backends.systemd import bus as bus_module
 from sandbox.backends.systemd import scope
 from sandbox.cgroups import cgroupfs
 from sandbox.core.errors import BackendUnavailable, UsageError
@@ -33,13 +35,41 @@ def systemd_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 def fake_pystemd(
-    monkeypatch: pytest.MonkeyPatch, open_error: str | None, pid_seen: int | None = None
-) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+    open_error: str | None,
+    pid_seen: int | None = None,
+    direct_fd: int | None = None,
+) -> list[str]:
     """pystemd.dbuslib / dbusexc stand-ins: a bus that fails to open, or one whose manager's
-    cgroup is "" (the system manager's) and which sees us with `pid_seen` (default: our pid)."""
+    cgroup is "" (the system manager's) and which sees us with `pid_seen` (default: our pid).
+    The manager's private socket (DBusAddress) refuses us, unless `direct_fd` is given: then it
+    opens, and that socket's other end is the manager. Returns the connections opened."""
+    opened: list[str] = []
 
     class DBusBaseError(Exception):
         pass
+
+    class DBusAddress:
+        def __init__(self, address: bytes, peer_to_peer: bool = False) -> None:
+            assert address.startswith(b"unix:path=") and peer_to_peer
+
+        def open(self) -> None:
+            if direct_fd is None:
+                raise DBusBaseError("[err -111]: Could not open a bus to DBus")
+            opened.append("direct")
+
+        def get_fd(self) -> int:
+            assert direct_fd is not None
+            return direct_fd
+
+        def match_signal(self, sender: bytes | None, *args: object) -> None:
+            assert sender is None  # a direct connection's messages carry no sender
+
+        def get_property(self, *args: object) -> bytes:
+            return b""
+
+        def close(self) -> None:
+            pass
 
     class DBus:
         def __init__(self, user_mode: bool = False) -> None:
@@ -48,6 +78,7 @@ def fake_pystemd(
         def open(self) -> None:
             if open_error:
                 raise DBusBaseError(open_error)
+            opened.append("bus")
 
         def match_signal(self, *args: object) -> None:
             pass
@@ -62,6 +93,9 @@ def fake_pystemd(
             assert args[3] == b"GetConnectionUnixProcessID"
             return types.SimpleNamespace(body=pid_seen or os.getpid())
 
+        def get_fd(self) -> int:
+            return -1  # sd_bus_get_fd's -errno: no socket to shut down
+
         def close(self) -> None:
             pass
 
@@ -69,6 +103,7 @@ def fake_pystemd(
     dbuslib = types.ModuleType("pystemd.dbuslib")
     dbusexc = types.ModuleType("pystemd.dbusexc")
     dbuslib.DBus = DBus  # type: ignore[attr-defined]
+    dbuslib.DBusAddress = DBusAddress  # type: ignore[attr-defined]
     dbuslib.apply_signature = lambda signature, values: values  # type: ignore[attr-defined]
     dbusexc.DBusBaseError = DBusBaseError  # type: ignore[attr-defined]
     package.dbuslib, package.dbusexc = dbuslib, dbusexc  # type: ignore[attr-defined]
@@ -78,6 +113,7 @@ def fake_pystemd(
         ("pystemd.dbusexc", dbusexc),
     ):
         monkeypatch.setitem(sys.modules, name, module)
+    return opened
 
 
 def refusal(slice_name: str | None = None) -> BackendUnavailable:
@@ -162,6 +198,94 @@ def test_a_pid_namespace_is_quiet(systemd_host: Path, monkeypatch: pytest.Monkey
     fake_pystemd(monkeypatch, open_error=None, pid_seen=os.getpid() + 1000)
     err = refusal()
     assert "pid namespace" in err.message and err.remedy is None
+
+
+@pytest.fixture
+def private_socket(systemd_host: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The system manager's private socket is there (root's), with no manager behind it yet."""
+    path = systemd_host / "private"
+    path.touch()
+    monkeypatch.setattr(bus_module, "SYSTEM_PRIVATE_SOCKET", str(path))
+    monkeypatch.setattr(bus_module.os, "geteuid", lambda: 0)
+    return path
+
+
+def test_the_private_socket_is_used_where_it_answers(
+    private_socket: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No bus, no GetConnectionUnixProcessID: the manager's pid namespace is compared with ours
+    through the socket's peer credentials (here the manager is this very process)."""
+    ours, managers = socket.socketpair()
+    with ours, managers:
+        opened = fake_pystemd(monkeypatch, open_error="no bus", direct_fd=ours.fileno())
+        backend = selection.make("systemd")
+        backend.prepare(LIMITS, ["true"])
+        backend.remove()
+    assert opened == ["direct"]
+
+
+def test_a_manager_outside_our_pid_namespace_is_refused_on_the_private_socket(
+    private_socket: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ours, managers = socket.socketpair()
+    with ours, managers:
+        fake_pystemd(monkeypatch, open_error="no bus", direct_fd=ours.fileno())
+        # SO_PEERCRED gives pid 0 for a peer outside our pid namespace
+        monkeypatch.setattr(bus_module, "_peer_credentials", lambda fd: (0, 0))
+        err = refusal()
+    assert "pid namespace" in err.message and err.remedy is None
+
+
+def test_a_refusing_private_socket_falls_back_to_the_bus(
+    private_socket: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened = fake_pystemd(monkeypatch, open_error=None)
+    backend = selection.make("systemd")
+    backend.prepare(LIMITS, ["true"])
+    backend.remove()
+    assert opened == ["bus"]
+
+
+def test_someone_elses_socket_is_not_the_manager(
+    private_socket: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ours, managers = socket.socketpair()
+    with ours, managers:
+        opened = fake_pystemd(monkeypatch, open_error=None, direct_fd=ours.fileno())
+        monkeypatch.setattr(bus_module, "_peer_credentials", lambda fd: (os.getpid(), 4242))
+        backend = selection.make("systemd")
+        backend.prepare(LIMITS, ["true"])
+        backend.remove()
+    assert opened == ["direct", "bus"]
+
+
+def test_closing_ends_the_connection_for_every_holder_of_its_socket(
+    private_socket: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forked guardian keeps a copy of the fd: the manager must see the connection end."""
+    ours, managers = socket.socketpair()
+    with ours, managers:
+        fake_pystemd(monkeypatch, open_error="no bus", direct_fd=ours.fileno())
+        copy = os.dup(ours.fileno())  # the guardian's
+        try:
+            bus_module.Bus.connect().close()
+            managers.settimeout(5)
+            assert managers.recv(1) == b""  # end of file, though `copy` is still open
+        finally:
+            os.close(copy)
+
+
+def test_peer_credentials_name_the_other_end() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        assert bus_module._peer_credentials(ours.fileno()) == (os.getpid(), os.geteuid())
+        ours.send(b"x")  # the fd is still open and ours: detached, not closed
+        assert theirs.recv(1) == b"x"
+
+
+def test_the_managers_cgroup_is_read_from_where_it_put_itself(tmp_path: Path) -> None:
+    assert bus_module._manager_cgroup(1 << 30) is None  # no such process
+    assert bus_module._manager_cgroup(os.getpid()) in (None, "")  # not a manager: not sure
 
 
 def test_slice_is_refused_by_other_backends() -> None:

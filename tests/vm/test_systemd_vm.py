@@ -166,15 +166,60 @@ def test_without_pystemd_backend_systemd_fails_with_125(tmp_path: Path) -> None:
     assert proc.stderr.count("\n") == 1 and "pip install 'aero-sandbox[systemd]'" in proc.stderr
 
 
-def test_no_bus_names_the_fix() -> None:
-    env = launcher_env()
+# Root's launcher in a mount namespace where the manager's private socket is /dev/null: a
+# connect() there is refused, as where systemd listens on no private socket for us.
+HIDE_PRIVATE_SOCKET = [
+    "unshare",
+    "--mount",
+    "sh",
+    "-c",
+    'mount --bind /dev/null /run/systemd/private && exec "$@"',
+    "sh",
+]
+
+
+def run_without_private_socket(
+    tmp_path: Path, args: list[str], **extra: str
+) -> subprocess.CompletedProcess[str]:
+    """The launcher where the manager's private socket cannot be used: hidden for root, a
+    runtime directory without one for a user (whose bus address stays as it was)."""
+    env = launcher_env(**extra)
+    argv = LAUNCHER + args
+    if USER:
+        env.setdefault("DBUS_SESSION_BUS_ADDRESS", f"unix:path={env['XDG_RUNTIME_DIR']}/bus")
+        env["XDG_RUNTIME_DIR"] = str(tmp_path)
+    else:
+        argv = HIDE_PRIVATE_SOCKET + argv
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=90)
+
+
+def test_the_managers_private_socket_needs_no_bus() -> None:
+    """Like systemctl, the launcher talks to the manager directly: no dbus-daemon in between."""
+    variable = "DBUS_SESSION_BUS_ADDRESS" if USER else "DBUS_SYSTEM_BUS_ADDRESS"
+    env = launcher_env(**{variable: "unix:path=/nonexistent/bus"})
+    proc = run_launcher(["--backend", "systemd", "--mem", "100M", "--", "true"], env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_without_the_private_socket_the_bus_serves(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    args = ["--backend", "systemd", "--mem", "100M", "--report", str(report), "--", "true"]
+    proc = run_without_private_socket(tmp_path, args)
+    assert proc.returncode == 0, proc.stderr
+    assert SYSTEMD.check_report(report)["sandbox"]["unit"]  # type: ignore[index]
+
+
+def test_no_bus_names_the_fix(tmp_path: Path) -> None:
+    args = ["--backend", "systemd", "--", "true"]
     if USER:  # no user bus in sight: the fix is lingering
+        env = launcher_env()
         env.pop("XDG_RUNTIME_DIR", None)
         env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+        proc = run_launcher(args, env=env)
         fix = "loginctl enable-linger"
     else:
-        env["DBUS_SYSTEM_BUS_ADDRESS"] = "unix:path=/nonexistent/bus"
+        bogus = "unix:path=/nonexistent/bus"
+        proc = run_without_private_socket(tmp_path, args, DBUS_SYSTEM_BUS_ADDRESS=bogus)
         fix = "start dbus"
-    proc = run_launcher(["--backend", "systemd", "--", "true"], env=env)
     assert proc.returncode == 125 and proc.stderr.count("\n") == 1, proc.stderr
     assert "systemd backend unavailable" in proc.stderr and fix in proc.stderr

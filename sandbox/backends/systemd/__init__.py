@@ -5,11 +5,11 @@ One run:
               check that the manager answers and may set the limits asked for
     child     (after fork) blocks on a pipe: not one instruction of the command runs outside
     started   StartTransientUnit(aero-sandbox-<pid>-<id>.scope, PIDs=[child, holder],
-              properties.py), wait (bounded) for its job; scope.arrange moves the child into
-              <scope>/command; read the limits back (v2); then release the child
+              properties.py), wait (bounded) for its job; close the connection; scope.arrange
+              moves the child into <scope>/command; read the limits back (v2); release the child
     supervise check / signal_all / kill_all through <scope>/command (sandbox/cgroups/v2.py)
-    tear down measure <scope>/command; kill the scope's processes and the holder; StopUnit
-              and wait for its job
+    tear down measure <scope>/command; kill the scope's processes and the holder: systemd
+              stops and unloads the emptied scope itself
 systemd still enforces the limits (MemoryMax, TasksMax on the scope) and, through RuntimeMaxUSec,
 the timeout even when the launcher and its guardian are both gone.
 
@@ -78,7 +78,10 @@ class SystemdBackend:
         self._child = pid
         self._holder = scope.Holder()
         properties = unit_properties(self._limits, self._argv, [pid, self._holder.pid], self.slice)
-        self.scope = v2.Cgroup(scope.start(self._bus, self.unit, properties, self.slice))
+        self.scope = v2.Cgroup(scope.start(self._bus, self.unit, properties, self.slice, pid))
+        # Not held while the command runs (as systemd-run, which execs it): the manager would
+        # queue every unit's signals for it. Reconnected only when needed (collect_stale).
+        self._close_bus()
         self.command = scope.arrange(self.scope.path, pid, self._holder.pid)
         self._check_limits(self.scope, self._limits)
         self._pressure = pressure.watch(
@@ -137,8 +140,14 @@ class SystemdBackend:
 
     # -- tear down ----------------------------------------------------------------------------
     def remove(self) -> None:
-        """Kill anything left and the holder, stop the unit and wait until systemd removed it;
-        kill the scopes that crashed launchers left. Safe twice."""
+        """Kill anything left and the holder; kill the scopes that crashed launchers left beside
+        ours. Safe twice.
+
+        An empty scope is systemd's to stop and unload (CollectMode=inactive-or-failed): it sees
+        the scope's cgroup.events say unpopulated and removes the cgroup, our subtree with it.
+        So no StopUnit and no wait for its job on the way out (two round trips and a context
+        switch to systemd per run). Only a scope we never learnt the cgroup of is stopped here.
+        """
         if self._removed or self.unit is None:
             return
         self._removed = True
@@ -154,9 +163,9 @@ class SystemdBackend:
                 v2.Cgroup(directory).kill()
             if self._holder is not None:
                 self._holder.end()
-            if self._bus is not None:
+            if self._bus is not None and self.scope is None:
                 self._bus.stop_unit(self.unit)
-            self.collect_stale()
+            self._collect_beside()
         except SandboxError as err:
             raise _removal_failed(self.unit, err) from err
         finally:
@@ -180,12 +189,36 @@ class SystemdBackend:
             bus.close()
 
     def collect_stale(self) -> None:
-        if self._bus is None:
+        """Every scope of a dead launcher that the manager knows (one ListUnitsByPatterns)."""
+        if self.scope is None:
             return
         try:
-            self._bus.stop_stale_scopes()
+            self._connected().stop_stale_scopes()
         except SandboxError:
             pass
+        finally:
+            self._close_bus()
+
+    def _collect_beside(self) -> None:
+        """The teardown's part of collect_stale: dead launchers' scopes in our scope's slice,
+        found in the cgroupfs, not asked for (`gc` and runs longer than GC_AFTER_S ask for all)."""
+        if self.scope is None:
+            return
+        parent = os.path.dirname(self.scope.path)
+        try:
+            with os.scandir(parent) as entries:
+                stale = [
+                    entry.name
+                    for entry in entries
+                    if entry.name.endswith(".scope") and _dead_launchers(entry.name)
+                ]
+        except OSError:
+            return
+        for unit in stale:
+            try:
+                self._connected().kill_unit(unit)
+            except SandboxError:
+                pass
 
     def describe(self) -> Placement:
         cgroups = (
@@ -205,6 +238,11 @@ class SystemdBackend:
             return None
         return None if path is None else scope.CGROUP_ROOT + path
 
+    def _connected(self) -> Bus:
+        if self._bus is None:
+            self._bus = Bus.connect()
+        return self._bus
+
     def _close_bus(self) -> None:
         if self._bus is not None:
             self._bus.close()
@@ -215,6 +253,12 @@ class SystemdBackend:
             for fd in self._release:
                 os.close(fd)
             self._release = None
+
+
+def _dead_launchers(unit: str) -> bool:
+    """Whether this is a sandbox's scope whose launcher is gone (not ours: ours is alive)."""
+    pid = identity.launcher_pid(unit.removesuffix(".scope"))
+    return pid is not None and pid != os.getpid() and not identity.pid_exists(pid)
 
 
 def _removal_failed(unit: str, err: SandboxError) -> SandboxError:

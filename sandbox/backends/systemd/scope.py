@@ -75,13 +75,13 @@ def connect(limits: Limits) -> Bus:
 
 
 def _check_manager(bus: Bus, limits: Limits) -> None:
-    seen = bus.our_pid()
-    if seen != os.getpid():
+    foreign = bus.foreign_pid_namespace()
+    if foreign is not None:
         # systemd 252 takes a scope's processes by pid: ours would name another process.
         raise BackendUnavailable(
             "systemd",
-            f"this process runs in its own pid namespace (pid {os.getpid()} here, {seen} to "
-            "the bus): use the cgroup backend (auto does)",
+            f"this process runs in its own pid namespace ({foreign}): use the cgroup backend "
+            "(auto does)",
         )
     root = f"{CGROUP_ROOT}{bus.root}"
     if not os.access(root, os.W_OK):
@@ -104,8 +104,11 @@ def _check_manager(bus: Bus, limits: Limits) -> None:
         )
 
 
-def start(bus: Bus, unit: str, properties: list[tuple[str, object]], slice_name: str | None) -> str:
-    """Start the scope, wait for its job; return its cgroup directory."""
+def start(
+    bus: Bus, unit: str, properties: list[tuple[str, object]], slice_name: str | None, pid: int
+) -> str:
+    """Start the scope with `pid` in it, wait for its job; return the scope's cgroup directory,
+    read from where `pid` now is (no round trip to ask systemd)."""
     result = bus.start_scope(unit, properties)
     if result != "done":
         hint = f"; is --slice {slice_name} a valid slice?" if slice_name else ""
@@ -113,9 +116,10 @@ def start(bus: Bus, unit: str, properties: list[tuple[str, object]], slice_name:
             f"systemd could not start {unit}: its job ended {result!r}",
             f"see `journalctl -b -u {unit}`{hint}",
         )
-    path = bus.scope_cgroup(unit)
-    if path is None:
-        raise SandboxError(f"systemd started {unit} but reports no cgroup for it")
+    with open(f"/proc/{pid}/cgroup") as f:
+        path = f.read().partition("0::")[2].split("\n", 1)[0]
+    if not path.endswith("/" + unit):
+        raise SandboxError(f"systemd started {unit} but the command is in {path!r}, not in it")
     return CGROUP_ROOT + path
 
 

@@ -1,8 +1,8 @@
 """What the systemd backend relies on in pystemd.dbuslib, checked against the installed pystemd.
 
-bus.py bypasses pystemd/__init__.py (import_dbuslib: only dbuslib and dbusexc load) and builds
-StartTransientUnit's a(sv) argument in dbuslib's own (type code, value) form
-(properties.encode_properties). Neither is pystemd's documented API: a release that changes
+lean_import.py bypasses pystemd/__init__.py (import_dbuslib: only dbuslib and dbusexc load),
+and the backend builds StartTransientUnit's a(sv) argument in dbuslib's own (type code, value)
+form (properties.encode_properties). Neither is pystemd's documented API: a release that changes
 them breaks the backend, and without this test only the VM stage would notice. pyproject.toml
 bounds the version; run this after raising the bound.
 """
@@ -18,7 +18,7 @@ import pytest
 from sandbox.backends.systemd.properties import SIGNATURES, encode_properties
 
 try:
-    from sandbox.backends.systemd.bus import import_dbuslib
+    from sandbox.backends.systemd.lean_import import import_dbuslib
 
     DBUSLIB, DBUSEXC = import_dbuslib()
 except ImportError as err:  # pragma: no cover - where the systemd extra is not installed
@@ -85,7 +85,7 @@ def test_only_dbuslib_loads_not_the_object_api() -> None:
     which load pathlib, inspect... (start-up time); later imports of those get the real ones."""
     code = (
         "import sys\n"
-        "from sandbox.backends.systemd.bus import import_dbuslib\n"
+        "from sandbox.backends.systemd.lean_import import import_dbuslib\n"
         "dbuslib, errors = import_dbuslib()\n"
         "assert 'lxml.etree' not in sys.modules and 'pystemd.systemd1' not in sys.modules\n"
         "for name in ('pprint', 'pystemd.utils', 'pathlib', 'inspect', 'typing', 'uuid'):\n"

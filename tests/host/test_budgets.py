@@ -284,8 +284,16 @@ def test_queue_timeout_is_75_and_the_timeout_counts_the_run_only(
 ) -> None:
     assert cli("budget", "set", budget, "--mem", "1G").returncode == 0
     end = tmp_path / "end"
-    holder = start("--budget", budget, "--reserve", "800M", "--", PY, "-c", HOLD_UNTIL.format(
-        size=M, flag=str(end)))
+    holder = start(
+        "--budget",
+        budget,
+        "--reserve",
+        "800M",
+        "--",
+        PY,
+        "-c",
+        HOLD_UNTIL.format(size=M, flag=str(end)),
+    )
     try:
         assert wait_for_line(holder).startswith("holding")
         gave_up = cli(
@@ -320,16 +328,25 @@ def test_a_big_reservation_is_passed_at_most_window_times_and_not_starved(
 
     assert cli("budget", "set", budget, "--mem", "1G").returncode == 0
     log = tmp_path / "log"
+    release = tmp_path / "release"
+    # Each run stamps its start and end; the holder holds until the test releases it (a slow
+    # host, the VM stage's emulation, must not end it before any small run got its chance).
     stamp = (
-        "import time; open({log!r}, 'a').write('{name} %f\\n' % time.time()); time.sleep({s}); "
+        "import os, time; open({log!r}, 'a').write('{name} %f\\n' % time.time()); end = "
+        "time.monotonic() + {s}\n"
+        "while time.monotonic() < end and not os.path.exists({release!r}): time.sleep(0.05)\n"
         "open({log!r}, 'a').write('{name}-end %f\\n' % time.time())"
     )
 
     def run(name: str, reserve: str, seconds: float) -> subprocess.Popen[str]:
-        code = stamp.format(log=str(log), name=name, s=seconds)
+        code = stamp.format(log=str(log), name=name, s=seconds, release=str(release))
         return start("--budget", budget, "--reserve", reserve, "--", PY, "-c", code)
 
-    procs = [run("holder", "600M", 6)]
+    def smalls_done() -> int:
+        text = log.read_text() if log.exists() else ""
+        return sum(1 for line in text.splitlines() if line.startswith("small") and "-end" in line)
+
+    procs = [run("holder", "600M", 120)]
     smalls = WINDOW + 4
     try:
         assert wait_until(lambda: log.exists(), timeout=60)
@@ -340,6 +357,13 @@ def test_a_big_reservation_is_passed_at_most_window_times_and_not_starved(
         for index in range(smalls):
             procs.append(run(f"small{index}", "100M", 0.3))
             time.sleep(0.3)
+        # The holder ends once every small run has either run (passed the big one) or queues
+        # behind it: the big one and the rest wait (1 + smalls - passed), at most WINDOW passed.
+        assert wait_until(
+            lambda: smalls_done() >= 1 and smalls_done() + _waiting(budget) - 1 >= smalls,
+            timeout=120,
+        ), log.read_text()
+        release.touch()
         results = [finish(p) for p in procs]
     finally:
         for proc in procs:
@@ -358,6 +382,11 @@ def test_a_big_reservation_is_passed_at_most_window_times_and_not_starved(
     bound = 30 if os.environ.get("AERO_VM") == "1" else 10
     assert started["big"] - started["holder-end"] < bound, started
     assert not tickets()
+
+
+def _waiting(budget: str) -> int:
+    rows = json.loads(cli("budget", "list", "--json").stdout)
+    return next((r["waiting"] for r in rows if r["name"] == budget), 0)
 
 
 def _budget_row(budget: str, key: str, value: int) -> str:
@@ -389,8 +418,9 @@ def test_a_sigkilled_waiter_leaves_no_reservation(budget: str) -> None:
         assert code == -signal.SIGKILL and out == ""
         holder.send_signal(signal.SIGTERM)
         # A later, larger run is not held behind the dead waiter's ticket.
-        after = cli("--budget", budget, "--reserve", "1000M", "--queue-timeout", "60", "--",
-                    "echo", "ran")
+        after = cli(
+            "--budget", budget, "--reserve", "1000M", "--queue-timeout", "60", "--", "echo", "ran"
+        )
         assert after.returncode == 0 and after.stdout == "ran\n", after.stderr
     finally:
         if holder.poll() is None:

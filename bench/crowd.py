@@ -47,7 +47,15 @@ from sandbox.budgets import membership  # noqa: E402
 from sandbox.core.limits import format_size, parse_size  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from crowd_figures import INTERPRETER, JOB, Parent, breakdown, run_floor, simulate  # noqa: E402
+from crowd_figures import (  # noqa: E402
+    INTERPRETER,
+    JOB,
+    Parent,
+    breakdown,
+    result,
+    run_floor,
+    simulate,
+)
 from scale import environment, launcher  # noqa: E402
 
 GIB = 1 << 30
@@ -201,24 +209,13 @@ def run_mode(mode: str, jobs: list[tuple[int, float]], cap: int, workdir: Path) 
         if stamps:
             row.update(job_start=stamps[0], faulted=stamps[1], job_end=stamps[2])
         per_job.append(row)
-    ideal = sum(peak * seconds for peak, seconds in jobs) / cap
     cpu = cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
+    # job_cpu: the commands' (the last attempt's, from the reports); the launcher's share is
+    # everything else: launchers, waiting, setup
     job_cpu = sum(r.get("cpu_s") or 0.0 for r in reports)
-    return {
-        "mode": mode,
-        "jobs_lost": lost,
-        "oom_kills": kills,
-        "pressure_kills": pressure,
-        "peak_bytes": peak_seen,
-        "cap_bytes": cap,
-        "makespan_s": round(makespan, 2),
-        "ideal_s": round(ideal, 2),
-        "makespan_vs_ideal": round(makespan / ideal, 2),
-        "load": round(os.getloadavg()[0], 1),
-        "job_cpu_s": round(job_cpu, 1),  # the commands' (the last attempt's, from the reports)
-        "launcher_cpu_s": round(cpu - job_cpu, 1),  # everything else: launchers, waiting, setup
-        "per_job": per_job,
-    }
+    launcher_cpu = cpu - job_cpu
+    row = result(mode, jobs, cap, lost, kills, pressure, peak_seen, makespan, job_cpu, launcher_cpu)
+    return {**row, "per_job": per_job}
 
 
 def solo_times(jobs: list[tuple[int, float]], workdir: Path) -> list[float]:

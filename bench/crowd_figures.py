@@ -151,12 +151,31 @@ def run_floor(jobs: list[tuple[int, float]], cap: int, workdir: Path) -> dict:
         if stamps_file.exists():
             begun, faulted, ended = (float(x) for x in stamps_file.read_text().split())
             row.update(job_start=begun, faulted=faulted, job_end=ended)
+    launcher_cpu = mine.ru_utime + mine.ru_stime - mine_before.ru_utime - mine_before.ru_stime
+    # launcher_cpu: this process, deciding and forking (the jobs' exec and start-up are theirs)
+    row = result("floor", jobs, cap, lost, kills, 0, peak_seen, makespan, job_cpu, launcher_cpu)
+    return {**row, "per_job": per_job}
+
+
+def result(
+    mode: str,
+    jobs: list[tuple[int, float]],
+    cap: int,
+    lost: int,
+    kills: int,
+    pressure: int,
+    peak_seen: int,
+    makespan: float,
+    job_cpu: float,
+    launcher_cpu: float,
+) -> dict[str, object]:
+    """One way's row (per_job is added by the caller): the ideal is sum(peak x duration) / cap."""
     ideal = sum(peak * seconds for peak, seconds in jobs) / cap
     return {
-        "mode": "floor",
+        "mode": mode,
         "jobs_lost": lost,
         "oom_kills": kills,
-        "pressure_kills": 0,
+        "pressure_kills": pressure,
         "peak_bytes": peak_seen,
         "cap_bytes": cap,
         "makespan_s": round(makespan, 2),
@@ -164,11 +183,7 @@ def run_floor(jobs: list[tuple[int, float]], cap: int, workdir: Path) -> dict:
         "makespan_vs_ideal": round(makespan / ideal, 2),
         "load": round(os.getloadavg()[0], 1),
         "job_cpu_s": round(job_cpu, 1),
-        # this process: deciding, forking (the jobs' exec and start-up are theirs)
-        "launcher_cpu_s": round(
-            mine.ru_utime + mine.ru_stime - mine_before.ru_utime - mine_before.ru_stime, 1
-        ),
-        "per_job": per_job,
+        "launcher_cpu_s": round(launcher_cpu, 1),
     }
 
 

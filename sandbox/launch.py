@@ -130,7 +130,7 @@ def _attempt(
         if backend.not_enforced:
             say(request, f"not enforced on this host: {', '.join(backend.not_enforced)}")
         enclosing = _enclosing_limit(request, backend.describe())
-        result = _supervised(request.argv, limits, backend, relay)
+        result = _supervised(request.argv, limits, backend, relay, member)
     except (BackendUnavailable, SandboxError) as err:
         result = _not_run(Reason.ERROR, EXIT_ERROR, start, limits, err.line())
     except NotAdmitted as err:
@@ -193,13 +193,19 @@ def _not_run(
 
 
 def _supervised(
-    argv: list[str], limits: Limits, backend: Backend, relay: Relay | None
+    argv: list[str],
+    limits: Limits,
+    backend: Backend,
+    relay: Relay | None,
+    member: Membership | None,
 ) -> RunResult:
+    # A reservation is given back once the command's processes are gone, not after the clean-up.
+    ended = member.queue.release if member is not None else None
     if relay is None:
-        return supervisor.run(argv, limits, backend)
+        return supervisor.run(argv, limits, backend, None, ended)
     relay.start()
     try:
-        return supervisor.run(argv, limits, backend, relay)
+        return supervisor.run(argv, limits, backend, relay, ended)
     finally:
         relay.finish()
 

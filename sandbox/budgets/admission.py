@@ -37,6 +37,7 @@ import time
 
 from sandbox.budgets import files
 from sandbox.budgets.model import Level
+from sandbox.core import linux
 from sandbox.core.errors import NotAdmitted, SandboxError
 from sandbox.core.frozen import Frozen
 from sandbox.core.limits import format_duration, format_size
@@ -49,12 +50,16 @@ else:
     import fcntl  # a C module: cheap
 
 MAGIC = "aero-sandbox-ticket 1"
-# A waiter looks at the state directory's mtime every POLL_S (one stat: a ticket came, went or
-# was admitted), decides again without the lock when it changed (Queue.look), and reads every
-# ticket under the lock every FULL_S anyway (memory freed by a run without a reservation, a
-# ticket whose launcher died): 40 waiters stay cheap on 2 cores.
+# A waiter sleeps on an inotify watch of the state directory that fires when a ticket goes (a
+# run ended: its reservation is free) or is admitted (renamed: it no longer holds back the runs
+# behind it), decides again without the lock then (Queue.look), and reads every ticket under the
+# lock every FULL_S anyway (memory freed by a run without a reservation, a raised cap, a ticket
+# whose launcher died). A new ticket never lets an earlier one start: no wake-up for it. Where
+# inotify is refused (the user's 128 instances taken), it looks at the directory's mtime every
+# POLL_S instead.
 POLL_S = 0.05
 FULL_S = 1.0
+_WAKE_ON = linux.IN_DELETE | linux.IN_MOVED_TO | linux.IN_DELETE_SELF
 # How many later runs may start before a run that waits for memory (backfill, bounded): small
 # runs fill the room a big one cannot use yet, and the big one is passed at most WINDOW times.
 WINDOW = 8
@@ -311,30 +316,55 @@ def wait_for_admission(
     mine: Ticket,
     read_chain: Callable[[], list[Level]],
     queue_timeout: float | None,
-    wait: Callable[[float], int | None],
+    wait: Callable[[float, int | None], int | None],
     say: Callable[[str], None],
 ) -> float:
     """Block until the run is admitted; return the seconds waited. Raises NotAdmitted."""
     start = time.monotonic()
     deadline = None if queue_timeout is None else start + queue_timeout
+    try:  # before the first decision, so no change after it goes unseen
+        wake: int | None = linux.inotify(queue.state, _WAKE_ON)
+    except OSError:
+        wake = None
+    try:
+        return _wait(queue, mine, read_chain, queue_timeout, deadline, wake, wait, say) - start
+    finally:
+        if wake is not None:
+            os.close(wake)
+
+
+def _wait(
+    queue: Queue,
+    mine: Ticket,
+    read_chain: Callable[[], list[Level]],
+    queue_timeout: float | None,
+    deadline: float | None,
+    wake: int | None,
+    wait: Callable[[float, int | None], int | None],
+    say: Callable[[str], None],
+) -> float:
+    """wait_for_admission's loop; returns the time.monotonic() of the admission."""
     said = False
     seen: int | None = None
     decided = 0.0
     verdict: Verdict | None = None
     while True:
-        stamp = _stamp(queue.state)
         now = time.monotonic()
+        if wake is not None:
+            changed = linux.drain(wake)
+        else:
+            stamp = _stamp(queue.state)
+            changed, seen = stamp != seen, stamp
         if verdict is None or now - decided >= FULL_S:
-            seen, decided = stamp, now
+            decided = now
             verdict = queue.try_admit(mine, read_chain)
-        elif stamp != seen:
-            seen = stamp
+        elif changed:
             verdict = queue.look(mine, read_chain)
             if verdict.admitted:  # it looks like our turn: decide for real, under the lock
                 decided = now
                 verdict = queue.try_admit(mine, read_chain)
         if verdict.admitted:
-            return time.monotonic() - start
+            return time.monotonic()
         if not said:
             runs = "run" if verdict.ahead == 1 else "runs"
             say(
@@ -350,7 +380,8 @@ def wait_for_admission(
                 f"{format_size(mine.reserve)} in budget {verdict.level} (--queue-timeout); "
                 "the command did not run"
             )
-        signo = wait(POLL_S if left is None else min(POLL_S, left))
+        step = POLL_S if wake is None else max(0.0, decided + FULL_S - time.monotonic())
+        signo = wait(step if left is None else min(step, left), wake)
         if signo is not None:
             queue.release()
             raise NotAdmitted("signal while waiting for admission: the command did not run", signo)

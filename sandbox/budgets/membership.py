@@ -104,7 +104,7 @@ def join(
     reserve: int | None,
     queue_timeout: float | None,
     argv: list[str],
-    wait: Callable[[float], int | None],
+    wait: Callable[[float, int | None], int | None],
     say: Callable[[str], None],
     backend: str = "auto",
 ) -> Membership:
@@ -127,7 +127,7 @@ def _join(
     reserve: int | None,
     queue_timeout: float | None,
     argv: list[str],
-    wait: Callable[[float], int | None],
+    wait: Callable[[float, int | None], int | None],
     say: Callable[[str], None],
 ) -> Membership:
     if bus is not None:
@@ -176,7 +176,7 @@ def _admit(
     reserve: int,
     queue_timeout: float | None,
     argv: list[str],
-    wait: Callable[[float], int | None],
+    wait: Callable[[float, int | None], int | None],
     say: Callable[[str], None],
 ) -> None:
     chain = member.read_chain()

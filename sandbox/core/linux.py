@@ -1,4 +1,4 @@
-"""The few Linux calls Python's standard library lacks: prctl, signalfd and clone3.
+"""The few Linux calls Python's standard library lacks: prctl, signalfd, clone3 and inotify.
 
 They go through `_ctypes`, the C core of ctypes, not through the `ctypes` package: the package
 builds its type classes at import (~3 ms, as long as the rest of our imports together), the
@@ -60,6 +60,8 @@ class _HeldFunction(_Function):
 _prctl = _Function(("prctl", _Libc))  # type: ignore[arg-type]
 _signalfd = _Function(("signalfd", _Libc))  # type: ignore[arg-type]
 _syscall = _HeldFunction(("syscall", _Libc))  # type: ignore[arg-type]
+_inotify_init1 = _Function(("inotify_init1", _Libc))  # type: ignore[arg-type]
+_inotify_add_watch = _Function(("inotify_add_watch", _Libc))  # type: ignore[arg-type]
 SYS_CLONE3 = 435  # the same number on every architecture's table (x86-64, arm64...)
 CLONE_INTO_CGROUP = 0x200000000
 
@@ -99,6 +101,36 @@ def signalfd(signals: set[int] | frozenset[int]) -> int:
     """A non-blocking close-on-exec fd that reads the given (already blocked) signals."""
     mask = sum(1 << (s - 1) for s in signals).to_bytes(_SIGINFO_SIZE, "little")
     return _check(_signalfd(-1, mask, SFD_NONBLOCK | SFD_CLOEXEC))
+
+
+IN_MOVED_TO = 0x80
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+
+
+def inotify(path: str, mask: int) -> int:
+    """A non-blocking close-on-exec fd that becomes readable when `mask`'s events happen in the
+    directory `path` (Linux 2.6.27+). OSError where refused (EMFILE: the user's
+    fs.inotify.max_user_instances, 128 by default, are taken)."""
+    fd = _check(_inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+    try:
+        _check(_inotify_add_watch(fd, os.fsencode(path), mask))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def drain(fd: int) -> bool:
+    """Read whatever a non-blocking fd holds (inotify's events); whether there was any."""
+    found = False
+    while True:
+        try:
+            if not os.read(fd, 65536):
+                return found
+        except BlockingIOError:
+            return found
+        found = True
 
 
 def read_signals(fd: int) -> list[tuple[int, int, int]]:

@@ -75,11 +75,23 @@ def block_signals() -> set[int]:
     return _original_mask
 
 
-def wait_for_signal(seconds: float) -> int | None:
-    """Sleep (signals blocked) until `seconds` pass or a forwarded signal comes; return it."""
+def wait_for_signal(seconds: float, wake: int | None = None) -> int | None:
+    """Sleep (signals blocked) until `seconds` pass, a forwarded signal comes (returned), or the
+    fd `wake` (an inotify fd of admission's queue) becomes readable."""
     block_signals()
-    info = _signal.sigtimedwait(FORWARDED, seconds)
-    return None if info is None else info.si_signo
+    if wake is None:
+        info = _signal.sigtimedwait(FORWARDED, seconds)
+        return None if info is None else info.si_signo
+    sfd = linux.signalfd(FORWARDED)
+    try:
+        poller = select.poll()
+        poller.register(sfd, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        poller.poll(min(max(0.0, seconds) * 1000, _MAX_POLL_MS))
+        signals = linux.read_signals(sfd)
+    finally:
+        os.close(sfd)
+    return signals[0][0] if signals else None
 
 
 class ExecFailed(Exception):
@@ -162,17 +174,23 @@ def _execvp(argv: list[str]) -> None:
 
 
 def run(
-    argv: list[str], limits: Limits, backend: Backend, relay: Relay | None = None
+    argv: list[str],
+    limits: Limits,
+    backend: Backend,
+    relay: Relay | None = None,
+    ended: Callable[[], None] | None = None,
 ) -> RunResult:
     """Run argv in an already prepared backend; always removes the sandbox before returning.
 
     `relay` (only for runs that may be retried) copies the command's output; its fds are served
     by the poll loop below, so timeouts and signals stay on time however the output is read.
+    `ended` is called once nothing of the command runs any more, before the sandbox is measured
+    and removed (a budget's reservation: the next run may start while we clean up).
     """
     child_mask = block_signals()
     sfd = linux.signalfd(HANDLED)
     try:
-        return _run(argv, limits, backend, relay, sfd, child_mask)
+        return _run(argv, limits, backend, relay, sfd, child_mask, ended)
     finally:
         os.close(sfd)
 
@@ -184,6 +202,7 @@ def _run(
     relay: Relay | None,
     sfd: int,
     child_mask: set[int],
+    ended: Callable[[], None] | None,
 ) -> RunResult:
     start = time.monotonic()
     times_before = os.times()
@@ -207,7 +226,8 @@ def _run(
                 pid, sfd, backend, limits, start, relay, entry
             )
     finally:
-        torn = _tear_down(backend, guardian, status is not None or failure is not None, entry)
+        ran = status is not None or failure is not None
+        torn = _tear_down(backend, guardian, ran, entry, ended)
     if failure is not None:
         return _with_cleanup_error(failure, torn.problems)
     assert status is not None
@@ -371,15 +391,21 @@ class _TornDown:
 
 
 def _tear_down(
-    backend: Backend, guardian: Guardian | None, ran: bool, entry: registry.Entry | None
+    backend: Backend,
+    guardian: Guardian | None,
+    ran: bool,
+    entry: registry.Entry | None,
+    ended: Callable[[], None] | None,
 ) -> _TornDown:
-    """Kill what is left, reap, measure, remove the sandbox and its registry entry, release the
-    guardian. In that order. A kill that fails raises (nothing could be measured); a removal
-    that fails, or a guardian found dead, is one of the returned problems."""
+    """Kill what is left, reap, call `ended`, measure, remove the sandbox and its registry entry,
+    release the guardian. In that order. A kill that fails raises (nothing could be measured); a
+    removal that fails, or a guardian found dead, is one of the returned problems."""
     problems: list[str] = []
     try:
         backend.kill_all()
         _reap(-1)
+        if ended is not None:
+            ended()
         reason = backend.check() if ran else None
         usage = backend.measure()
     finally:

@@ -138,6 +138,50 @@ def test_look_decides_like_the_locked_read_without_admitting(tmp_path) -> None: 
         second.leave()
 
 
+@pytest.mark.parametrize("inotify", [True, False], ids=["inotify", "polling"])
+def test_a_waiter_wakes_when_a_reservation_is_given_back(tmp_path, monkeypatch, inotify) -> None:  # type: ignore[no-untyped-def]
+    """Admitted on the release itself, not by the periodic full read (pushed out of reach here):
+    through inotify, and by the directory's mtime where inotify is refused."""
+    import threading
+
+    from sandbox.run.supervisor import wait_for_signal
+
+    monkeypatch.setattr(admission, "FULL_S", 3600.0)
+    if not inotify:
+
+        def refused(path: str, mask: int) -> int:
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(admission.linux, "inotify", refused)
+    state = str(tmp_path)
+    os.chmod(state, 0o700)
+    chain = [level("b", 2 * G)]
+    holder, waiter = admission.Queue(state), admission.Queue(state)
+    admitted: list[float] = []
+    try:
+        held = holder.enqueue("b", 2 * G, ["holder"])
+        assert holder.try_admit(held, lambda: chain).admitted
+        mine = waiter.enqueue("b", G, ["waiter"])
+        thread = threading.Thread(
+            target=lambda: admitted.append(
+                admission.wait_for_admission(
+                    waiter, mine, lambda: chain, 30.0, wait_for_signal, lambda line: None
+                )
+            ),
+            daemon=True,
+        )
+        thread.start()
+        thread.join(0.3)
+        assert thread.is_alive() and not admitted  # still waiting: no room
+        holder.release()
+        thread.join(20)
+        assert not thread.is_alive() and admitted
+        assert waiter.ticket_path is not None and "/r-" in waiter.ticket_path
+    finally:
+        holder.leave()
+        waiter.leave()
+
+
 def test_a_reservation_no_cap_can_hold_is_refused() -> None:
     assert "can never fit in budget agents" in (too_big(5 * G, [level("agents", 4 * G)]) or "")
     assert too_big(5 * G, [level("agents", None)]) is None

@@ -32,6 +32,9 @@ def kill_until_empty(directory: str, timeout_s: float = KILL_TIMEOUT_S) -> bool:
 
     cgroup.kill (Linux 5.14+, v2 only) kills the whole subtree atomically, fork races included;
     without it we kill what cgroup.procs lists until nothing is left. False on the deadline.
+    On v2 the subtree's `populated` in cgroup.events (Linux 4.5+) says whether anything is left:
+    one read, where listing every cgroup.procs below walks the tree (a command that ended by
+    itself leaves nothing, the usual case at tear-down: no kill is written then).
     """
     kill_file = directory + "/cgroup.kill"
     use_kill_file = os.path.exists(kill_file)
@@ -39,15 +42,21 @@ def kill_until_empty(directory: str, timeout_s: float = KILL_TIMEOUT_S) -> bool:
     def kill_round() -> list[int]:
         if use_kill_file:
             try:
+                if not _populated(directory):
+                    return []
                 cgroupfs.write(kill_file, "1")
+                return cgroupfs.procs(directory) if _populated(directory) else []
             except FileNotFoundError:
                 return []  # the cgroup is gone, and with it everything in it
-            return cgroupfs.procs(directory)
         left = cgroupfs.procs(directory)
         linux.kill_each(left, 9)
         return left
 
     return not linux.until_empty(kill_round, timeout_s)
+
+
+def _populated(directory: str) -> bool:
+    return cgroupfs.read_keyed(directory + "/cgroup.events").get("populated") != 0
 
 
 def remove(directory: str, timeout_s: float = 2.0) -> None:

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,19 @@ import pytest
 
 from sandbox.budgets import cgroup as levels_fs
 from sandbox.budgets.membership import state_root
+from tests.budget_cases import (
+    HOLD,
+    HOLD_UNTIL,
+    PY,
+    M,
+    first_line,
+    gives_up_with_75,
+    neighbour_survives,
+    outer_cap_wins,
+    own_mem_is_oom,
+    report,
+    victim_is_retried,
+)
 from tests.conftest import (
     LAUNCHER,
     communicate,
@@ -27,26 +39,6 @@ from tests.conftest import (
     need_kernel_sandbox,
     wait_until,
 )
-
-PY = sys.executable
-HOLD = (
-    "import sys, time; b = bytearray({size}); b[::4096] = b'x' * len(b[::4096]); "
-    "print('holding', flush=True); time.sleep({seconds})"
-)
-# Makes itself the kernel's first choice of victim, then allocates.
-VICTIM = (
-    "open('/proc/self/oom_score_adj', 'w').write('1000'); "
-    "b = bytearray({size}); b[::4096] = b'x' * len(b[::4096]); print('survived')"
-)
-M = 1 << 20
-# Holds its memory until the flag file exists (at most 120 s): a slow host (the VM stage's
-# emulation) must not end the neighbour before the victim even starts.
-HOLD_UNTIL = (
-    "import os, time; b = bytearray({size}); b[::4096] = b'x' * len(b[::4096]); "
-    "print('holding', flush=True); end = time.monotonic() + 120\n"
-    "while not os.path.exists({flag!r}) and time.monotonic() < end: time.sleep(0.05)"
-)
-
 
 # A user under systemd (the VM stage's aero) may write no cgroup its launchers start in: the
 # budgets go below one scope systemd delegates to the user (AERO_BUDGET_ROOT), and every launcher
@@ -141,17 +133,6 @@ def finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str,
     return done.returncode, done.stdout, done.stderr
 
 
-def wait_for_line(proc: subprocess.Popen[str], stream: str = "stdout", timeout: float = 60) -> str:
-    pipe = proc.stdout if stream == "stdout" else proc.stderr
-    assert pipe is not None
-    import select
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if select.select([pipe], [], [], 0.5)[0]:
-            return pipe.readline()
-    raise AssertionError(f"no line on {stream} within {timeout}s")
-
 
 def tickets() -> list[str]:
     found = []
@@ -160,8 +141,6 @@ def tickets() -> list[str]:
     return found
 
 
-def report(path: Path) -> dict:  # type: ignore[type-arg]
-    return json.loads(path.read_text())
 
 
 # -- the model and the CLI ----------------------------------------------------------------------
@@ -173,7 +152,7 @@ def test_set_list_rm_and_refusal_while_a_member_runs(budget: str) -> None:
     assert (mine["memory_cap_bytes"], mine["pids_cap"], mine["running"]) == (256 * M, 100, 0)
     member = start("--budget", budget, "--", PY, "-c", HOLD.format(size=10 * M, seconds=30))
     try:
-        assert wait_for_line(member).startswith("holding")
+        assert first_line(member).startswith("holding")
         refused = cli("budget", "rm", budget)
         assert refused.returncode == 125 and refused.stderr.count("\n") == 1, refused.stderr
         assert f"budget {budget} is in use" in refused.stderr
@@ -211,71 +190,20 @@ def test_budget_mem_creates_the_budget_once(budget: str, tmp_path: Path) -> None
 # -- the kernel enforces the sum ----------------------------------------------------------------
 def test_caps_sum_across_members_and_the_neighbour_survives(budget: str, tmp_path: Path) -> None:
     assert cli("budget", "set", budget, "--mem", "300M").returncode == 0
-    neighbour = start(
-        "--budget", budget, "--report", str(tmp_path / "a.json"),
-        "--", PY, "-c", HOLD_UNTIL.format(size=150 * M, flag=str(tmp_path / "end")),
-    )  # fmt: skip
-    try:
-        assert wait_for_line(neighbour).startswith("holding")
-        # 200M alone fits in 300M, and in its own 1G --mem: only the sum overflows.
-        victim = cli(
-            "--budget", budget, "--mem", "1G", "--report", str(tmp_path / "b.json"),
-            "--", PY, "-c", VICTIM.format(size=200 * M),
-        )  # fmt: skip
-    finally:
-        (tmp_path / "end").touch()
-        code, _out, err = finish(neighbour)
-    assert code == 0, err
-    assert report(tmp_path / "a.json")["reason"] == "exited"
-    assert victim.returncode == 137, victim.stderr
-    data = report(tmp_path / "b.json")
-    assert data["reason"] == "budget_oom" and data["oom_kills"] >= 1
-    assert data["budget"]["ran_out"]["budget"] == budget
-    assert data["budget"]["ran_out"]["cap_bytes"] == 300 * M
-    assert f"budget {budget} ran out (cap 300.0 MiB" in victim.stderr
-    assert victim.stderr.count("\n") == 1
+    assert neighbour_survives(cli, start, budget, tmp_path)["oom_kills"] >= 1
 
 
 def test_over_its_own_mem_in_a_budget_is_oom(budget: str, tmp_path: Path) -> None:
     assert cli("budget", "set", budget, "--mem", "1G").returncode == 0
-    proc = cli(
-        "--budget", budget, "--mem", "100M", "--report", str(tmp_path / "r.json"),
-        "--", PY, "-c", VICTIM.format(size=300 * M),
-    )  # fmt: skip
-    assert proc.returncode == 137
-    assert report(tmp_path / "r.json")["reason"] == "oom", proc.stderr
+    own_mem_is_oom(cli, budget, tmp_path)
 
 
 def test_nested_the_smaller_cap_wins_and_is_named(budget: str, tmp_path: Path) -> None:
-    assert cli("budget", "set", budget, "--mem", "200M").returncode == 0
-    assert cli("budget", "set", f"{budget}/inner", "--mem", "1G").returncode == 0
-    proc = cli(
-        "--budget", f"{budget}/inner", "--report", str(tmp_path / "r.json"),
-        "--", PY, "-c", VICTIM.format(size=300 * M),
-    )  # fmt: skip
-    assert proc.returncode == 137
-    data = report(tmp_path / "r.json")
-    assert data["reason"] == "budget_oom"
-    assert data["budget"]["ran_out"]["budget"] == budget  # the outer level ran out
+    outer_cap_wins(cli, budget, tmp_path)
 
 
 def test_a_victim_is_retried_after_admission(budget: str, tmp_path: Path) -> None:
-    assert cli("budget", "set", budget, "--mem", "300M").returncode == 0
-    flag = tmp_path / "first-attempt-done"
-    program = (
-        f"import os; p = {str(flag)!r}\n"
-        "if os.path.exists(p): print('second attempt'); raise SystemExit(0)\n"
-        "open(p, 'w').close()\n" + VICTIM.format(size=400 * M).replace("; ", "\n")
-    )
-    proc = cli(
-        "--budget", budget, "--reserve", "100M", "--attempts", "2",
-        "--report", str(tmp_path / "r.json"), "--", PY, "-c", program,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    data = report(tmp_path / "r.json")
-    assert data["attempts"] == 2 and data["retried_for"][0].startswith("budget_oom")
-    assert "as its budget's OOM victim" in proc.stderr
-    assert proc.stdout.strip() == "second attempt"
+    victim_is_retried(cli, budget, tmp_path)
 
 
 # -- admission ----------------------------------------------------------------------------------
@@ -295,21 +223,14 @@ def test_queue_timeout_is_75_and_the_timeout_counts_the_run_only(
         HOLD_UNTIL.format(size=M, flag=str(end)),
     )
     try:
-        assert wait_for_line(holder).startswith("holding")
-        gave_up = cli(
-            "--budget", budget, "--reserve", "500M", "--queue-timeout", "0.5",
-            "--report", str(tmp_path / "q.json"), "--", "echo", "ran",
-        )  # fmt: skip
-        assert gave_up.returncode == 75 and gave_up.stdout == ""
-        assert "waiting for 500.0 MiB in budget" in gave_up.stderr
-        assert "--queue-timeout" in gave_up.stderr.splitlines()[-1]
-        assert report(tmp_path / "q.json")["reason"] == "queue_timeout"
+        assert first_line(holder).startswith("holding")
+        gives_up_with_75(cli, budget, tmp_path)
         # Waits 1.5 s and more for the holder, then runs 1 s inside a 2 s --timeout.
         waiter = start(
             "--budget", budget, "--reserve", "500M", "--timeout", "2",
             "--report", str(tmp_path / "w.json"), "--", "sleep", "1",
         )  # fmt: skip
-        assert "waiting for 500.0 MiB" in wait_for_line(waiter, "stderr")
+        assert "waiting for 500.0 MiB" in first_line(waiter, "stderr")
         time.sleep(1.5)
         end.touch()
         code, _out, err = finish(waiter)
@@ -402,9 +323,9 @@ def holder_and_waiter(
     assert cli("budget", "set", budget, "--mem", "1G").returncode == 0
     code = HOLD.format(size=M, seconds=seconds)
     holder = start("--budget", budget, "--reserve", "600M", "--", PY, "-c", code)
-    assert wait_for_line(holder).startswith("holding")
+    assert first_line(holder).startswith("holding")
     waiter = start("--budget", budget, "--reserve", "900M", "--", "echo", "never")
-    assert "waiting for 900.0 MiB" in wait_for_line(waiter, "stderr")
+    assert "waiting for 900.0 MiB" in first_line(waiter, "stderr")
     return holder, waiter
 
 
@@ -449,7 +370,7 @@ def test_gc_removes_empty_budgets_only(budget: str) -> None:
     assert cli("budget", "set", f"{budget}/busy", "--mem", "100M").returncode == 0
     member = start("--budget", f"{budget}/busy", "--", PY, "-c", HOLD.format(size=M, seconds=30))
     try:
-        assert wait_for_line(member).startswith("holding")
+        assert first_line(member).startswith("holding")
         dry = cli("gc", "--dry-run")
         assert f"aero-budget-{budget}/aero-budget-idle" in dry.stdout
         done = cli("gc")

@@ -112,63 +112,61 @@ def join(
     or admission.NotAdmitted (queue timeout, a signal while waiting). The budget is a tree of
     systemd slices where the run's backend is systemd (slices.open_bus), else of cgroups."""
     bus = slices.open_bus(backend)
+    member: Membership | None = None
     try:
-        return _join(bus, name, parts, budget_mem, reserve, queue_timeout, argv, wait, say)
-    finally:
         if bus is not None:
-            bus.close()
-
-
-def _join(
-    bus: Bus | None,
-    name: str,
-    parts: tuple[str, ...],
-    budget_mem: int | None,
-    reserve: int | None,
-    queue_timeout: float | None,
-    argv: list[str],
-    wait: Callable[[float, int | None], int | None],
-    say: Callable[[str], None],
-) -> Membership:
-    if bus is not None:
-        places = slices.tree(bus)
-    else:
-        places = levels_fs.bases(os.environ.get(levels_fs.ROOT_ENV, "").strip() or None)
-    member = Membership(name, parts, places)
-    try:
-        member.queue.join(levels(parts))
-        if not levels_fs.exists(places, parts):
-            if budget_mem is None:
-                raise SandboxError(
-                    f"no budget {name} here (below {levels_fs.memory_base(places).own})",
-                    f"create it: aero-sandbox budget set {name} --mem SIZE; or give --budget-mem "
-                    "SIZE (AERO_BUDGET_MEM) to create it on first use",
-                )
-            memory_dir = levels_fs.level_dir(levels_fs.memory_base(places), parts)
-            made = slices.ensure(bus, places, parts) if bus else levels_fs.ensure(places, parts)
-            if memory_dir in made:  # we made it: the cap is ours to set; else the maker's
-                if bus is not None:
-                    slices.set_caps(bus, places, parts, Caps(budget_mem, None))
-                else:
-                    levels_fs.set_caps(places, parts, Caps(budget_mem, None))
-                member.created = True
-        if bus is not None:
-            member.slice = slice_names(parts)[-1]
+            places = slices.tree(bus)
         else:
-            member.placement = levels_fs.placement(places, parts)
-        memory = levels_fs.memory_base(places)
-        member.watch = BudgetWatch(
-            name,
-            [(lv, levels_fs.level_dir(memory, tuple(lv.split("/")))) for lv in levels(parts)],
-            memory.version,
-        )
-        if reserve is not None:
-            member.reserve = reserve
-            _admit(member, reserve, queue_timeout, argv, wait, say)
+            places = levels_fs.bases(os.environ.get(levels_fs.ROOT_ENV, "").strip() or None)
+        member = Membership(name, parts, places)
+        member.queue.join(levels(parts))
+        _enter(member, bus, budget_mem)
     except BaseException:
-        member.leave()
+        if member is not None:
+            member.leave()
         raise
+    finally:
+        if bus is not None:  # not held while waiting: the manager would queue signals for it
+            bus.close()
+    if reserve is not None:
+        member.reserve = reserve
+        try:
+            _admit(member, reserve, queue_timeout, argv, wait, say)
+        except BaseException:
+            member.leave()
+            raise
     return member
+
+
+def _enter(member: Membership, bus: Bus | None, budget_mem: int | None) -> None:
+    """Find the budget's levels (or create them with --budget-mem's cap); where the backend
+    puts the sandbox; what tells a budget_oom."""
+    places, parts = member.places, member.parts
+    if not levels_fs.exists(places, parts):
+        if budget_mem is None:
+            raise SandboxError(
+                f"no budget {member.name} here (below {levels_fs.memory_base(places).own})",
+                f"create it: aero-sandbox budget set {member.name} --mem SIZE; or give "
+                "--budget-mem SIZE (AERO_BUDGET_MEM) to create it on first use",
+            )
+        memory_dir = levels_fs.level_dir(levels_fs.memory_base(places), parts)
+        made = slices.ensure(bus, places, parts) if bus else levels_fs.ensure(places, parts)
+        if memory_dir in made:  # we made it: the cap is ours to set; else the maker's
+            if bus is not None:
+                slices.set_caps(bus, places, parts, Caps(budget_mem, None))
+            else:
+                levels_fs.set_caps(places, parts, Caps(budget_mem, None))
+            member.created = True
+    if bus is not None:
+        member.slice = slice_names(parts)[-1]
+    else:
+        member.placement = levels_fs.placement(places, parts)
+    memory = levels_fs.memory_base(places)
+    member.watch = BudgetWatch(
+        member.name,
+        [(lv, levels_fs.level_dir(memory, tuple(lv.split("/")))) for lv in levels(parts)],
+        memory.version,
+    )
 
 
 def _admit(

@@ -202,6 +202,11 @@ class RlimitBackend:
         }
         return {pid for pid in proctree.descendants(procs, roots) if procs[pid].state not in "ZX"}
 
+    def guardian_notes(self) -> None:
+        """None: the guardian is a fork holding this object (its clean-up reads the memory it
+        shares with the launcher, mapped before the fork)."""
+        return None
+
     def guardian_cleanup(self) -> None:
         try:
             self._kill_from_guardian()

@@ -7,9 +7,9 @@
                 sandbox -> release the guardian -> close the signalfd. A failure to remove or
                 a guardian that died is the result's cleanup_error, never the command's status.
 
-A guardian process, forked before the child, cleans up (backend.guardian_cleanup) if the
+A guardian process, started before the child, cleans up (backend.guardian_cleanup) if the
 launcher itself dies (even by SIGKILL): it waits on a pipe whose write end only the launcher
-holds.
+holds (sandbox/run/guardian.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from sandbox.core.result import (
     classify,
 )
 from sandbox.registry import store as registry
-from sandbox.run.guardian import Guardian
+from sandbox.run import guardian as guardians
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -118,6 +118,7 @@ def spawn(
             # them, unless the caller had them ignored (the native entry, bin/aero-sandbox.c,
             # says so; the command does not inherit the variable). As HUP, INT and QUIT do.
             kept = os.environ.pop("AERO_SANDBOX_CALLER_IGNORES", "").split(",")
+            os.environ.pop(guardians.NATIVE_ENV, None)  # a nested launcher finds its own
             for name, signo in (("PIPE", _signal.SIGPIPE), ("XFSZ", _signal.SIGXFSZ)):
                 _signal.signal(signo, _signal.SIG_IGN if name in kept else _signal.SIG_DFL)
             _signal.pthread_sigmask(_signal.SIG_SETMASK, child_mask)
@@ -187,7 +188,7 @@ def _run(
 ) -> RunResult:
     start = time.monotonic()
     times_before = os.times()
-    guardian: Guardian | None = None
+    guardian: guardians.Guardian | None = None
     status: int | None = None
     ended_by: str | None = None
     killed_after_grace = False
@@ -196,7 +197,7 @@ def _run(
     try:
         entry = registry.register(backend, argv, limits)  # for `aero-sandbox list` and `gc`
         linux.set_child_subreaper()
-        guardian = Guardian(backend, entry, relay.launcher_fds() if relay else None)
+        guardian = guardians.start(backend, entry, relay.launcher_fds() if relay else None)
         registry.note_guardian(entry, guardian.pid)
         try:
             pid = spawn(argv, backend, child_mask, limits.protected)
@@ -371,7 +372,10 @@ class _TornDown:
 
 
 def _tear_down(
-    backend: Backend, guardian: Guardian | None, ran: bool, entry: registry.Entry | None
+    backend: Backend,
+    guardian: guardians.Guardian | None,
+    ran: bool,
+    entry: registry.Entry | None,
 ) -> _TornDown:
     """Kill what is left, reap, measure, remove the sandbox and its registry entry, release the
     guardian. In that order. A kill that fails raises (nothing could be measured); a removal

@@ -19,8 +19,11 @@ from tests.conftest import (
     ROOT,
     launcher_env,
     need_kernel_sandbox,
+    pid_alive,
     read_report,
     run_launcher,
+    sandbox_cgroups,
+    wait_until,
 )
 from tests.host.conftest import launch_in
 from tests.programs import ALLOCATE
@@ -194,7 +197,11 @@ def native_entry(tmp_path_factory: pytest.TempPathFactory) -> str:
     if gcc is None:  # a property of the install, not of the kernel: README says what changes
         pytest.skip("no C compiler: the native entry cannot be built, the Python entry stays")
     binary = str(tmp_path_factory.mktemp("entry") / "aero-sandbox")
-    defines = [f'-DPYTHON="{sys.executable}"', f'-DSCRIPT="{ROOT / "bin" / "aero-sandbox"}"']
+    defines = [
+        f'-DPYTHON="{sys.executable}"',
+        f'-DSCRIPT="{ROOT / "bin" / "aero-sandbox"}"',
+        f'-DENTRY="{binary}"',
+    ]
     source = str(ROOT / "bin" / "aero-sandbox.c")
     warnings = ["-Wall", "-Wextra", "-Werror"]
     subprocess.run([gcc, "-O2", *warnings, *defines, "-o", binary, source], check=True, timeout=120)
@@ -218,6 +225,59 @@ def test_a_callers_ignored_sigpipe_stays_ignored_in_the_command(
     assert bool(mask & (1 << (signal.SIGPIPE - 1))) == ignores, hex(mask)
     assert not mask & (1 << (signal.SIGXFSZ - 1)), "SIGXFSZ is not the caller's"
     assert count == "0", "the variable reached the command"
+
+
+def test_the_spawned_guardian_cleans_up_after_a_sigkilled_launcher(native_entry: str) -> None:
+    """Behind the native entry the guardian is that binary, spawned: SIGKILL the launcher while
+    its command and a daemon of it run, and the guardian kills both and removes the cgroups (it
+    execs the Python entry to do so, with what the launcher wrote it)."""
+    if os.geteuid() != 0:  # a property of this test run: others need a delegated cgroup
+        pytest.skip("root only: --backend cgroup below the launcher's own cgroup")
+    need_kernel_sandbox()
+    proc = subprocess.Popen(
+        [native_entry, "--backend", "cgroup", "--", "sh", "-c", "sleep 300 & exec sleep 301"],
+        env=launcher_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        ours = f"aero-sandbox-{proc.pid}-"
+
+        def mine() -> set[str]:
+            return {c for c in sandbox_cgroups() if os.path.basename(c).startswith(ours)}
+
+        assert wait_until(lambda: len(cgroupfs.procs(next(iter(mine()), "/-"))) == 2, timeout=30)
+        cgroups = mine()
+        named = [int(p) for p in os.listdir("/proc") if p.isdigit() and _named(p, GUARDIAN)]
+        guardian = next(g for g in named if _parent(g) == proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert wait_until(lambda: not any(os.path.exists(c) for c in cgroups), timeout=10), cgroups
+        assert wait_until(lambda: not pid_alive(guardian), timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=15)
+
+
+GUARDIAN = "aero-sandbox-guardian"  # its argv[0] (its comm is the binary's file name)
+
+
+def _named(pid: str, name: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0] == name.encode()
+    except OSError:
+        return False
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
 
 
 def test_the_installed_entry_keeps_an_ignored_sigpipe() -> None:

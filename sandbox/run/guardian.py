@@ -77,9 +77,14 @@ class Guardian:
         return problem
 
 
+_native: list[str | None] = []  # NATIVE_ENV's value, taken out of the environment once
+
+
 def start(backend: Backend, entry: registry.Entry | None, close: list[int] | None) -> Guardian:
     """The guardian of a prepared sandbox: spawned where it can be, else forked."""
-    native = os.environ.get(NATIVE_ENV)
+    if not _native:  # taken out: the command, and a nested launcher, must not find ours
+        _native.append(os.environ.pop(NATIVE_ENV, None))
+    native = _native[0]
     notes = backend.guardian_notes() if native else None
     if native and notes is not None:
         if entry is not None:

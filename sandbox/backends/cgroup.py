@@ -227,7 +227,7 @@ class CgroupBackend:
 
     def guardian_notes(self) -> list[str] | None:
         """Our cgroups (in kill_all's order) and their parents (for collect_stale), one a line."""
-        lines = [f"cgroup {c.version} {c.path}" for c in self.created]
+        lines = ["backend cgroup"] + [f"cgroup {c.version} {c.path}" for c in self.created]
         lines += [f"parent {parent}" for parent in sorted(self._parents)]
         # A path with a newline (a parent so named) does not fit a line: then a forked guardian.
         return None if any("\n" in line for line in lines) else lines

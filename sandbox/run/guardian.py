@@ -13,8 +13,11 @@ kills what runs in the sandbox, removes it and the registry entry. It is one of 
            execs the Python entry, which rebuilds the backend from them (clean_up_after()).
   forked   a fork of the launcher, holding the prepared backend itself: where there is no
            native entry (installed without a C compiler, `python -m sandbox`), and for backends
-           that need their live state (the systemd bus, the rlimit backend's memory shared with
-           the guardian): guardian_notes() is None.
+           whose clean-up needs their live state (the systemd bus): guardian_notes() is None.
+
+Notes are lines; the first names the backend ("backend cgroup"), and a line "fd N" names a file
+descriptor the guardian must hold (the rlimit backend's shared memory): the guardian gets it as
+fd 3, and the line says so when the notes reach it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ BLOCKED = (
     _signal.SIGUSR1,
     _signal.SIGUSR2,
 )
+_HELD_FD = 3  # where a spawned guardian holds the fd its notes name
 _END_OF_NOTES = b"\0"
 _DONE = b"d"
 
@@ -87,17 +91,26 @@ def start(backend: Backend, entry: registry.Entry | None, close: list[int] | Non
     native = _native[0]
     notes = backend.guardian_notes() if native else None
     if native and notes is not None:
+        held = [int(line[3:]) for line in notes if line.startswith("fd ")][:1]
+        notes = [line for line in notes if not line.startswith("fd ")]
+        notes += [f"fd {_HELD_FD}"] if held else []
         if entry is not None:
             notes = [*notes, f"entry {entry.path}"]
         data = "\n".join(notes).encode("utf-8", "surrogateescape") + _END_OF_NOTES
         read_end, write_end = os.pipe()  # close-on-exec: only our guardian gets read_end
+        # A held fd goes to 3 by way of 1 (replaced after): dup2 of an fd onto itself would
+        # keep its close-on-exec flag where the C library is older than POSIX 2018 wants.
+        via_stdout = [(os.POSIX_SPAWN_DUP2, fd, 1) for fd in held]
+        to_held = [(os.POSIX_SPAWN_DUP2, 1, _HELD_FD) for _ in held]
         try:
             pid = os.posix_spawn(
                 native,
                 [SPAWNED_NAME],
                 {},
                 file_actions=[
+                    *via_stdout,
                     (os.POSIX_SPAWN_DUP2, read_end, 0),
+                    *to_held,
                     (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
                     (os.POSIX_SPAWN_DUP2, 1, 2),
                 ],
@@ -143,12 +156,19 @@ def _fork(backend: Backend, entry: registry.Entry | None, close: list[int] | Non
 def clean_up_after(notes: str) -> None:
     """In the Python entry the spawned guardian execs (sandbox.cli.GUARDIAN_NOTES): its launcher
     died without cleaning up."""
-    from sandbox.backends.cgroup import CgroupBackend  # the one backend that writes notes
-
     lines = notes.split("\n")
     entry = next((line[len("entry ") :] for line in lines if line.startswith("entry ")), None)
+    backend: Backend
+    if lines[0] == "backend rlimit":
+        from fallback.backend import RlimitBackend
+
+        backend = RlimitBackend.from_notes(lines)
+    else:
+        from sandbox.backends.cgroup import CgroupBackend
+
+        backend = CgroupBackend.from_notes(lines)
     try:
-        _clean_up(CgroupBackend.from_notes(lines), entry)
+        _clean_up(backend, entry)
     finally:
         _sweep(entry)
 

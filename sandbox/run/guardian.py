@@ -1,14 +1,14 @@
 """The guardian: a process that cleans up after a launcher that died without doing so.
 
-It is started before the command, holds none of the caller's pipes, and sleeps until the
+It is started before the command, holds none of the caller's stdio, and sleeps until the
 launcher exits (the kernel closes the pipe's write end however it exits, SIGKILL included).
 If the launcher had not written `d` (cleaned up itself) by then, the guardian cleans up: it
 kills what runs in the sandbox, removes it and the registry entry. It is one of two processes:
 
   spawned  the native entry (bin/aero-sandbox.c) started as "aero-sandbox-guardian", with
            posix_spawn: no copy of the launcher's page tables, and no copy-on-write faults in
-           the launcher afterwards (a fork of the launcher cost it ~3.7 ms a run, with 400 more
-           page faults: perf stat, 20 runs). We write it the backend's guardian_notes(); it
+           the launcher afterwards (~400 a run; 0.96x against the fork, in interleaved pairs,
+           1.01x against no guardian at all). We write it the backend's guardian_notes(); it
            reads them only once the launcher is gone, and only then, when it must clean up,
            execs the Python entry, which rebuilds the backend from them (clean_up_after()).
   forked   a fork of the launcher, holding the prepared backend itself: where there is no

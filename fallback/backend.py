@@ -202,6 +202,26 @@ class RlimitBackend:
         }
         return {pid for pid in proctree.descendants(procs, roots) if procs[pid].state not in "ZX"}
 
+    def guardian_notes(self) -> list[str] | None:
+        """The sandbox's marker and the handoff's memfd, which the guardian is given; None
+        where the handoff has no fd (then the guardian is a fork sharing its memory)."""
+        if self._handoff is None or self._handoff.fd is None:
+            return None
+        return ["backend rlimit", f"id {self._id}", f"fd {self._handoff.fd}"]
+
+    @classmethod
+    def from_notes(cls, lines: list[str]) -> RlimitBackend:
+        """The backend guardian_notes() described, as far as guardian_cleanup() needs it: the
+        marker to scan for, the handoff (its fd as the guardian got it)."""
+        backend = cls()
+        for line in lines:
+            kind, _, value = line.partition(" ")
+            if kind == "id":
+                backend._id = value
+            elif kind == "fd":
+                backend._handoff = Handoff(int(value))
+        return backend
+
     def guardian_cleanup(self) -> None:
         try:
             self._kill_from_guardian()

@@ -15,10 +15,18 @@ from sandbox.core.result import EXIT_ERROR
 
 SUBCOMMANDS = ("doctor", "env", "list", "gc", "budget")
 HELP_FLAGS = ("-h", "--help", "--version")
+# What the spawned guardian (bin/aero-sandbox.c) hands the Python entry, without arguments, when
+# its launcher died without cleaning up: sandbox/run/guardian.py.
+GUARDIAN_NOTES = "AERO_SANDBOX_GUARDIAN_NOTES"
 
 
 def main(args: list[str] | None = None) -> int:
     args = sys.argv[1:] if args is None else args
+    if not args and GUARDIAN_NOTES in os.environ:  # never a run: a run has a command
+        from sandbox.run.guardian import clean_up_after
+
+        clean_up_after(os.environ[GUARDIAN_NOTES])
+        return 0
     _hold_closed_std_fds()
     try:
         if args and (args[0] in SUBCOMMANDS or args[0] in HELP_FLAGS):

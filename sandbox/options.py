@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from sandbox.backends.selection import CHOICES
+from sandbox.core.commandline import ATTEMPTS_ENV, RETRIED_PROGRAMS, program
 from sandbox.core.errors import UsageError
 from sandbox.core.frozen import Frozen
 from sandbox.core.limits import (
@@ -26,7 +27,6 @@ from sandbox.core.limits import (
     parse_pressure,
     parse_size,
 )
-from sandbox.run import retry
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ OPTIONS = (
         ("--attempts",),
         "attempts",
         "N",
-        retry.ATTEMPTS_ENV,
+        ATTEMPTS_ENV,
         "run again after a transient resource failure (rustc WouldBlock, EAGAIN); the env "
         "variable applies to cargo, rustc, npm, npx, pnpm, yarn, wasm-pack [3 for those, else 1]",
     ),
@@ -287,7 +287,12 @@ def build_request(
         if preset not in NAMES:
             raise UsageError(f"invalid --preset value {preset!r}: expected {', '.join(NAMES)}")
     # The env variable counts only for the build/test tools (its old meaning), --attempts for all.
-    attempts = retry.attempts(argv, values.get("attempts"), environ)
+    # Every other command runs once, without importing the retry module.
+    attempts = 1
+    if "attempts" in values or program(argv) in RETRIED_PROGRAMS:
+        from sandbox.run import retry
+
+        attempts = retry.attempts(argv, values.get("attempts"), environ)
     expect = list((repeated or {}).get("expect", []))
     parent_value = _value("parent", values, environ)
     parent = parent_value[0].strip() if parent_value else None

@@ -43,6 +43,8 @@ install_from_source() {
     tar -C "$1" --exclude=./.venv --exclude=./build --exclude=./dist -cf - . | tar -C "$tmp" -xf -
     /usr/bin/python3 -m venv --clear "$PREFIX"
     "$PREFIX/bin/pip" install --quiet "$tmp[systemd,test]"
+    # The venv's paths written into the entry, which then never imports `site` (bin/aero-sandbox).
+    bash "$tmp/scripts/entry-paths" "$PREFIX/bin"
     # The native entry that keeps a caller's ignored SIGPIPE (bin/aero-sandbox.c); gcc is here.
     bash "$tmp/scripts/native-entry" "$PREFIX/bin"
     rm -rf "$tmp"

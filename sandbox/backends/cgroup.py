@@ -225,6 +225,26 @@ class CgroupBackend:
                 "a later run or `aero-sandbox gc` removes it once its processes are gone",
             )
 
+    def guardian_notes(self) -> list[str] | None:
+        """Our cgroups (in kill_all's order) and their parents (for collect_stale), one a line."""
+        lines = ["backend cgroup"] + [f"cgroup {c.version} {c.path}" for c in self.created]
+        lines += [f"parent {parent}" for parent in sorted(self._parents)]
+        # A path with a newline (a parent so named) does not fit a line: then a forked guardian.
+        return None if any("\n" in line for line in lines) else lines
+
+    @classmethod
+    def from_notes(cls, lines: list[str]) -> CgroupBackend:
+        """The backend guardian_notes() described, as far as guardian_cleanup() needs it."""
+        backend = cls()
+        for line in lines:
+            kind, _, value = line.partition(" ")
+            if kind == "cgroup":
+                version, _, path = value.partition(" ")
+                backend.created.append(v2.Cgroup(path) if version == "2" else v1.Cgroup(path))
+            elif kind == "parent":
+                backend._parents.add(value)
+        return backend
+
     def guardian_cleanup(self) -> None:
         """In the guardian, the launcher dead: kill through the cgroups, then remove them."""
         try:

@@ -8,7 +8,8 @@ start-up time is a feature. A backend object lives for one run:
 
 From prepare on, the launcher's clean-up context owns the backend: remove() runs on every path
 (it must be safe to call twice). guardian_cleanup() is the other owner's path: the guardian,
-a fork of the launcher, calls it when the launcher died without cleaning up.
+calls it when the launcher died without cleaning up: on this object in a fork of the launcher,
+or on one the backend rebuilt from its guardian_notes().
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class Backend(Protocol):
 
     def remove(self) -> None:
         """Delete the sandbox (cgroups, unit), then collect_stale(). Safe to call twice."""
+
+    def guardian_notes(self) -> list[str] | None:
+        """What a spawned guardian (sandbox/run/guardian.py) needs to clean up, as lines the
+        backend's from_notes() reads back; None when only a fork holding this very object can
+        (the guardian is then forked)."""
 
     def guardian_cleanup(self) -> None:
         """In the guardian, after the launcher died: kill everything in the sandbox and delete it,

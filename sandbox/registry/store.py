@@ -209,9 +209,10 @@ def is_live(path: str) -> bool:
 def sweep(directory: str) -> list[str]:
     """Remove entries whose launcher died and whose sandbox is gone too; return their paths.
 
-    Runs at every teardown, so it stays cheap: one kill(0) per entry, and only the entries
-    whose launcher pid is gone in our pid namespace are opened (lock checked, cgroups looked
-    for). An entry whose cgroups are still there is left for `aero-sandbox gc`, which removes
+    Runs 1 s into a run and after one (a forked guardian's, once its launcher exited; a spawned
+    guardian's only when it cleans up), so it stays cheap: one kill(0) per entry, and only the
+    entries whose launcher pid is gone in our pid namespace are opened (lock checked, cgroups
+    looked for). An entry whose cgroups are still there is left for `aero-sandbox gc`, which removes
     both. A pid alive here may still be a dead launcher's (pid reuse, another pid namespace):
     gc checks every entry's lock.
     """

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from sandbox.core.commandline import program
+from sandbox.core.commandline import ATTEMPTS_ENV, RETRIED_PROGRAMS, program
 from sandbox.core.errors import UsageError
 from sandbox.core.limits import is_ascii_digits
 from sandbox.core.result import Reason
@@ -21,13 +21,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
 
-# Build and test tools whose failures under contention are usually transient (the old
-# safe-run.sh retried these). `cargo nextest` is `cargo`; the binary itself is cargo-nextest.
-RETRIED_PROGRAMS = frozenset(
-    {"cargo", "rustc", "cargo-nextest", "npm", "npx", "pnpm", "yarn", "wasm-pack"}
-)
 DEFAULT_ATTEMPTS = 3  # for RETRIED_PROGRAMS; every other command runs once unless --attempts
-ATTEMPTS_ENV = "AERO_SAFE_RUN_RUSTC_RETRIES"  # the old safe-run.sh name: attempts, 1 disables
 BACKOFF_ENV = "AERO_RETRY_BACKOFF_S"
 DEFAULT_BACKOFF_S = 4.0  # first wait ~4 s, then ~8, ~16, ~32, at most MAX_BACKOFF_S
 MAX_BACKOFF_S = 60.0

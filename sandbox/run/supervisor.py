@@ -7,9 +7,9 @@
                 sandbox -> release the guardian -> close the signalfd. A failure to remove or
                 a guardian that died is the result's cleanup_error, never the command's status.
 
-A guardian process, forked before the child, cleans up (backend.guardian_cleanup) if the
+A guardian process, started before the child, cleans up (backend.guardian_cleanup) if the
 launcher itself dies (even by SIGKILL): it waits on a pipe whose write end only the launcher
-holds.
+holds (sandbox/run/guardian.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from sandbox.core.result import (
     classify,
 )
 from sandbox.registry import store as registry
-from sandbox.run.guardian import Guardian
+from sandbox.run import guardian as guardians
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -110,6 +110,8 @@ def spawn(
 
         protect = protect_limits
     launcher = os.getpid()
+    kept = _caller_ignores()
+    resolved = _on_path(argv[0])
     read_end, write_end = os.pipe()  # close-on-exec: EOF means the exec happened
     # The cgroup backend's child is born in its v2 cgroup (CgroupBackend.fork says why).
     pid = getattr(backend, "fork", os.fork)()
@@ -127,12 +129,15 @@ def spawn(
                 os.write(write_end, f"setup:0:{err}".encode())
                 os._exit(125)
             # Python ignores these at start-up, and an exec keeps ignored signals ignored: reset
-            # them, unless the caller had them ignored (the native entry, bin/aero-sandbox.c,
-            # says so; the command does not inherit the variable). As HUP, INT and QUIT do.
-            kept = os.environ.pop("AERO_SANDBOX_CALLER_IGNORES", "").split(",")
+            # them, unless the caller had them ignored (_caller_ignores). As HUP, INT and QUIT do.
             for name, signo in (("PIPE", _signal.SIGPIPE), ("XFSZ", _signal.SIGXFSZ)):
                 _signal.signal(signo, _signal.SIG_IGN if name in kept else _signal.SIG_DFL)
             _signal.pthread_sigmask(_signal.SIG_SETMASK, child_mask)
+            if resolved is not None:
+                try:
+                    os.execv(resolved, argv)
+                except OSError:
+                    pass  # execvp's own search says why, with its errno
             _execvp(argv)
         except OSError as err:
             os.write(write_end, f"exec:{err.errno}:{err.strerror}".encode())
@@ -152,6 +157,33 @@ def spawn(
             raise SandboxError(f"could not place the command in the sandbox: {message}")
         raise ExecFailed(int(errno), message)
     return pid
+
+
+# The child between fork and exec is the costliest place for any work: each page it touches is
+# a copy-on-write fault (~200 of them, ~1 ms, for the code below). So what can be known before
+# the fork is found in the parent: the environment it would edit, the program execvp would find.
+_CALLER_IGNORES: list[list[str]] = []
+
+
+def _caller_ignores() -> list[str]:
+    """The signals the caller had ignored (SIGPIPE, SIGXFSZ), as the native entry
+    (bin/aero-sandbox.c) says; taken out of our environment at the first spawn, so that no
+    command inherits the variable and no child edits its environment."""
+    if not _CALLER_IGNORES:
+        _CALLER_IGNORES.append(os.environ.pop("AERO_SANDBOX_CALLER_IGNORES", "").split(","))
+    return _CALLER_IGNORES[0]
+
+
+def _on_path(name: str) -> str | None:
+    """The executable execvp would run for a bare name, found before the fork; None when the
+    name has a slash or nothing qualifies (the child then searches itself, for the errno)."""
+    if not name or "/" in name:
+        return None
+    for directory in (os.environ.get("PATH") or os.defpath).split(os.pathsep):
+        path = os.path.join(directory or ".", name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
 
 
 def _execvp(argv: list[str]) -> None:
@@ -206,7 +238,7 @@ def _run(
 ) -> RunResult:
     start = time.monotonic()
     times_before = os.times()
-    guardian: Guardian | None = None
+    guardian: guardians.Guardian | None = None
     status: int | None = None
     ended_by: str | None = None
     killed_after_grace = False
@@ -215,7 +247,7 @@ def _run(
     try:
         entry = registry.register(backend, argv, limits)  # for `aero-sandbox list` and `gc`
         linux.set_child_subreaper()
-        guardian = Guardian(backend, entry, relay.launcher_fds() if relay else None)
+        guardian = guardians.start(backend, entry, relay.launcher_fds() if relay else None)
         registry.note_guardian(entry, guardian.pid)
         try:
             pid = spawn(argv, backend, child_mask, limits.protected)
@@ -392,7 +424,7 @@ class _TornDown:
 
 def _tear_down(
     backend: Backend,
-    guardian: Guardian | None,
+    guardian: guardians.Guardian | None,
     ran: bool,
     entry: registry.Entry | None,
     ended: Callable[[], None] | None,

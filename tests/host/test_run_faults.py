@@ -3,6 +3,7 @@ sandbox the kernel chose (issues 10.5, 11.1, 11.5, 11.8). Real processes, real c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -19,8 +20,11 @@ from tests.conftest import (
     ROOT,
     launcher_env,
     need_kernel_sandbox,
+    pid_alive,
     read_report,
     run_launcher,
+    sandbox_cgroups,
+    wait_until,
 )
 from tests.host.conftest import launch_in
 from tests.programs import ALLOCATE
@@ -194,7 +198,11 @@ def native_entry(tmp_path_factory: pytest.TempPathFactory) -> str:
     if gcc is None:  # a property of the install, not of the kernel: README says what changes
         pytest.skip("no C compiler: the native entry cannot be built, the Python entry stays")
     binary = str(tmp_path_factory.mktemp("entry") / "aero-sandbox")
-    defines = [f'-DPYTHON="{sys.executable}"', f'-DSCRIPT="{ROOT / "bin" / "aero-sandbox"}"']
+    defines = [
+        f'-DPYTHON="{sys.executable}"',
+        f'-DSCRIPT="{ROOT / "bin" / "aero-sandbox"}"',
+        f'-DENTRY="{binary}"',
+    ]
     source = str(ROOT / "bin" / "aero-sandbox.c")
     warnings = ["-Wall", "-Wextra", "-Werror"]
     subprocess.run([gcc, "-O2", *warnings, *defines, "-o", binary, source], check=True, timeout=120)
@@ -218,6 +226,92 @@ def test_a_callers_ignored_sigpipe_stays_ignored_in_the_command(
     assert bool(mask & (1 << (signal.SIGPIPE - 1))) == ignores, hex(mask)
     assert not mask & (1 << (signal.SIGXFSZ - 1)), "SIGXFSZ is not the caller's"
     assert count == "0", "the variable reached the command"
+
+
+@pytest.mark.parametrize("backend", ["cgroup", "rlimit"])
+def test_the_spawned_guardian_cleans_up_after_a_sigkilled_launcher(
+    native_entry: str, backend: str
+) -> None:
+    """Behind the native entry the guardian is that binary, spawned: SIGKILL the launcher while
+    its command and a setsid daemon of it run, and the guardian kills both and removes the
+    cgroups (it execs the Python entry to do so, with what the launcher wrote it; the rlimit
+    backend's shared memory comes as an fd)."""
+    if backend == "cgroup":
+        if os.geteuid() != 0:  # a property of this test run: others need a delegated cgroup
+            pytest.skip("root only: --backend cgroup below the launcher's own cgroup")
+        need_kernel_sandbox()
+    command = "setsid sleep 300 & exec sleep 301"
+    proc = subprocess.Popen(
+        [native_entry, "--backend", backend, "--", "sh", "-c", command],
+        env=launcher_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    tree: list[int] = []
+    try:
+        ours = f"aero-sandbox-{proc.pid}-"
+
+        def mine() -> set[str]:
+            return {c for c in sandbox_cgroups() if os.path.basename(c).startswith(ours)}
+
+        def sleepers() -> list[int]:
+            return [int(p) for p in os.listdir("/proc") if p.isdigit() and _sleeper(p)]
+
+        assert wait_until(lambda: len(sleepers()) == 2, timeout=30), proc.stderr
+        cgroups, tree = mine(), sleepers()
+        assert bool(cgroups) == (backend == "cgroup"), cgroups
+        named = [int(p) for p in os.listdir("/proc") if p.isdigit() and _named(p, GUARDIAN)]
+        guardian = next(g for g in named if _parent(g) == proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert wait_until(lambda: not any(map(pid_alive, tree)), timeout=10), tree
+        assert wait_until(lambda: not any(os.path.exists(c) for c in cgroups), timeout=10), cgroups
+        assert wait_until(lambda: not pid_alive(guardian), timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=15)
+        for pid in tree:  # what a failing guardian left (the setsid daemon outlives the group)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _sleeper(pid: str) -> bool:
+    """One of this test's sleeps (sleep 300 or 301 with our marker-free command line)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read() in (b"sleep\0" + b"300\0", b"sleep\0" + b"301\0") and _ours(pid)
+    except OSError:
+        return False
+
+
+def _ours(pid: str) -> bool:
+    """Started by a launcher of this test run: its environment carries launcher_env()'s path."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return str(ROOT).encode() in f.read()
+    except OSError:
+        return False
+
+
+GUARDIAN = "aero-sandbox-guardian"  # its argv[0] (its comm is the binary's file name)
+
+
+def _named(pid: str, name: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0] == name.encode()
+    except OSError:
+        return False
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
 
 
 def test_the_installed_entry_keeps_an_ignored_sigpipe() -> None:

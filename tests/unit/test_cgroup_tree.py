@@ -185,3 +185,20 @@ def test_nesting_is_detected_from_our_own_cgroup() -> None:
     assert cgroupfs.inside_sandbox("0::/system.slice/aero-sandbox-12-abcdef.scope/aero-leaf\n")
     assert cgroupfs.inside_sandbox("4:memory:/process_api/x/aero-sandbox-1-a1b2c3\n0::/\n")
     assert not cgroupfs.inside_sandbox("0::/user.slice/user-1000.slice/session-2.scope\n")
+
+
+def test_guardian_notes_rebuild_the_cgroups_to_clean_up() -> None:
+    """A spawned guardian gets the sandbox as lines and rebuilds what guardian_cleanup() needs:
+    the cgroups in kill_all's order (v2 first), each of its version, and their parents."""
+    from sandbox.cgroups import v1, v2
+
+    made = CgroupBackend()
+    made.created = [v2.Cgroup("/u/aero-sandbox-1-a"), v1.Cgroup("/m/p a/aero-sandbox-1-a")]
+    made._parents = {"/u", "/m/p a"}
+    notes = made.guardian_notes()
+    assert notes is not None
+    rebuilt = CgroupBackend.from_notes([*notes, "entry /run/aero-sandbox/1-b"])
+    assert [(type(c), c.path) for c in rebuilt.created] == [(type(c), c.path) for c in made.created]
+    assert rebuilt._parents == made._parents
+    made._parents.add("/odd\nname")  # a line cannot hold it: the guardian is forked instead
+    assert made.guardian_notes() is None

@@ -171,6 +171,11 @@ class SystemdBackend:
         finally:
             self._close_bus()
 
+    def guardian_notes(self) -> None:
+        """None: the guardian is a fork holding this object (its clean-up needs this object's
+        unit and a new bus connection)."""
+        return None
+
     def guardian_cleanup(self) -> None:
         """In the guardian, the launcher dead: its holder died with it (PR_SET_PDEATHSIG); ask
         systemd where the scope is, kill what runs there, stop it. A new bus connection: sd-bus

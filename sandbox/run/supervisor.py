@@ -1,6 +1,7 @@
 """One run, start to end: spawn the child inside the sandbox, supervise it, tear everything down.
 
     spawn       fork; the child joins the sandbox (backend.child_setup), then execs
+                (sandbox/run/spawn.py)
     supervise   poll a signalfd (SIGCHLD + forwarded signals) and the backend's fds, with
                 deadlines on time.monotonic(): timeout -> SIGTERM to all -> grace -> SIGKILL
     tear down   one `finally`, fixed order: kill what is left -> reap -> measure -> remove the
@@ -31,6 +32,7 @@ from sandbox.core.result import (
 )
 from sandbox.registry import store as registry
 from sandbox.run import guardian as guardians
+from sandbox.run.spawn import ExecFailed, spawn
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -92,117 +94,6 @@ def wait_for_signal(seconds: float, wake: int | None = None) -> int | None:
     finally:
         os.close(sfd)
     return signals[0][0] if signals else None
-
-
-class ExecFailed(Exception):
-    def __init__(self, errno: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = errno
-
-
-def spawn(
-    argv: list[str], backend: Backend, child_mask: set[int], protected: bool = False
-) -> int:
-    """Fork, join the sandbox in the child, exec. Raises ExecFailed (126/127) or SandboxError."""
-    protect: Callable[[], None] | None = None
-    if protected:  # imported here: ctypes stays off the run path of every other run
-        from sandbox.core.protect import protect_limits
-
-        protect = protect_limits
-    launcher = os.getpid()
-    kept = _caller_ignores()
-    resolved = _on_path(argv[0])
-    read_end, write_end = os.pipe()  # close-on-exec: EOF means the exec happened
-    # The cgroup backend's child is born in its v2 cgroup (CgroupBackend.fork says why).
-    pid = getattr(backend, "fork", os.fork)()
-    if pid == 0:  # pragma: no cover - runs in the child
-        try:
-            os.close(read_end)
-            linux.set_parent_death_signal(_signal.SIGKILL)
-            if os.getppid() != launcher:
-                os._exit(125)
-            try:
-                backend.child_setup()
-                if protect is not None:
-                    protect()
-            except Exception as err:  # noqa: BLE001 - reported to the parent
-                os.write(write_end, f"setup:0:{err}".encode())
-                os._exit(125)
-            # Python ignores these at start-up, and an exec keeps ignored signals ignored: reset
-            # them, unless the caller had them ignored (_caller_ignores). As HUP, INT and QUIT do.
-            for name, signo in (("PIPE", _signal.SIGPIPE), ("XFSZ", _signal.SIGXFSZ)):
-                _signal.signal(signo, _signal.SIG_IGN if name in kept else _signal.SIG_DFL)
-            _signal.pthread_sigmask(_signal.SIG_SETMASK, child_mask)
-            if resolved is not None:
-                try:
-                    os.execv(resolved, argv)
-                except OSError:
-                    pass  # execvp's own search says why, with its errno
-            _execvp(argv)
-        except OSError as err:
-            os.write(write_end, f"exec:{err.errno}:{err.strerror}".encode())
-        finally:
-            os._exit(127)
-    os.close(write_end)
-    try:
-        backend.started(pid)
-        chunks = []
-        while chunk := os.read(read_end, 4096):
-            chunks.append(chunk)
-    finally:
-        os.close(read_end)
-    if chunks:
-        kind, errno, message = b"".join(chunks).decode(errors="replace").split(":", 2)
-        if kind == "setup":
-            raise SandboxError(f"could not place the command in the sandbox: {message}")
-        raise ExecFailed(int(errno), message)
-    return pid
-
-
-# The child between fork and exec is the costliest place for any work: each page it touches is
-# a copy-on-write fault (~200 of them, ~1 ms, for the code below). So what can be known before
-# the fork is found in the parent: the environment it would edit, the program execvp would find.
-_CALLER_IGNORES: list[list[str]] = []
-
-
-def _caller_ignores() -> list[str]:
-    """The signals the caller had ignored (SIGPIPE, SIGXFSZ), as the native entry
-    (bin/aero-sandbox.c) says; taken out of our environment at the first spawn, so that no
-    command inherits the variable and no child edits its environment."""
-    if not _CALLER_IGNORES:
-        _CALLER_IGNORES.append(os.environ.pop("AERO_SANDBOX_CALLER_IGNORES", "").split(","))
-    return _CALLER_IGNORES[0]
-
-
-def _on_path(name: str) -> str | None:
-    """The executable execvp would run for a bare name, found before the fork; None when the
-    name has a slash or nothing qualifies (the child then searches itself, for the errno)."""
-    if not name or "/" in name:
-        return None
-    for directory in (os.environ.get("PATH") or os.defpath).split(os.pathsep):
-        path = os.path.join(directory or ".", name)
-        if os.access(path, os.X_OK) and not os.path.isdir(path):
-            return path
-    return None
-
-
-def _execvp(argv: list[str]) -> None:
-    """os.execvp, less its import of `warnings` (~1 ms, paid while the launcher waits)."""
-    if not argv[0]:  # execv refuses it with ValueError, which no errno reaches the parent for
-        raise FileNotFoundError(2, "No such file or directory")
-    if "/" in argv[0]:
-        os.execv(argv[0], argv)
-    first_error: OSError | None = None  # like execvp(3): EACCES somewhere beats ENOENT
-    last_error: OSError = FileNotFoundError(2, "No such file or directory")
-    for directory in (os.environ.get("PATH") or os.defpath).split(os.pathsep):
-        try:
-            os.execv(os.path.join(directory or ".", argv[0]), argv)
-        except (FileNotFoundError, NotADirectoryError) as err:
-            last_error = err
-        except OSError as err:
-            last_error = err
-            first_error = first_error or err
-    raise first_error or last_error
 
 
 def run(

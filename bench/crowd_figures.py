@@ -114,7 +114,8 @@ def run_floor(jobs: list[tuple[int, float]], cap: int, workdir: Path) -> dict:
     start = time.time()
     try:
         while waiting or running:
-            level = Level("f", parent.memory, Caps(cap), parent.usage(), None)
+            used = levels_fs.held_bytes(parent.memory, parent.version)
+            level = Level("f", parent.memory, Caps(cap), parent.usage(), None, used)
             for ticket in list(waiting):
                 if not decide(ticket, [*running.values(), *waiting], [level]).admitted:
                     continue

@@ -21,6 +21,9 @@ A waiting run may start when at every level of its budget that has a cap, with
 
     free = cap - max(usage now, reservations of running members)
 
+where usage is what the level's processes hold and cannot give back (anonymous memory and tmpfs,
+from memory.stat: Level.held_bytes); page cache and what removed members left charged are not.
+
 the earlier waiters served in queue order from `free` (each that fits takes its reservation)
 leave SIZE for it. An earlier waiter that does not fit yet keeps no claim, but may be passed only
 by the WINDOW runs whose tickets come right after its own (bounded backfill): small runs use the
@@ -98,13 +101,14 @@ def decide(
         cap = level.caps.memory_bytes
         if cap is None:
             continue
-        held = sum(t.reserve for t in tickets if t.running and within(t.budget, level.name))
+        reserved = sum(t.reserve for t in tickets if t.running and within(t.budget, level.name))
         earlier = [
             t
             for t in tickets
             if not t.running and t.number < mine.number and within(t.budget, level.name)
         ]
-        free = cap - max(level.usage_bytes or 0, held)
+        used = level.held_bytes if level.held_bytes is not None else level.usage_bytes
+        free = cap - max(used or 0, reserved)
         left = free
         waiting: list[int] = []  # the numbers of the runs ahead that do not fit now
         for ahead in earlier:

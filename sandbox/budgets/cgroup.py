@@ -204,7 +204,16 @@ def read_level(places: list[Hierarchy], parts: tuple[str, ...]) -> Level:
         cap = None
     pids = pids_base(places)
     pids_cap = cgroupfs.read_int(level_dir(pids, parts) + "/pids.max") if pids else None
-    return Level("/".join(parts), path, Caps(cap, pids_cap), usage, peak)
+    held = held_bytes(path, memory.version)
+    return Level("/".join(parts), path, Caps(cap, pids_cap), usage, peak, held)
+
+
+def held_bytes(memory_dir: str, version: int) -> int | None:
+    """Anonymous memory and tmpfs charged to a memory cgroup and those below it (Level.held_bytes
+    says why admission counts only these); None where memory.stat lacks them."""
+    stat = cgroupfs.read_keyed(f"{memory_dir}/memory.stat")
+    keys = ("anon", "shmem") if version == 2 else ("total_rss", "total_shmem")
+    return sum(stat[k] for k in keys) if all(k in stat for k in keys) else None
 
 
 def chain(places: list[Hierarchy], parts: tuple[str, ...]) -> list[Level]:

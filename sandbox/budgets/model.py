@@ -94,5 +94,10 @@ class Level(Frozen):
     name: str  # agents/agent-17
     memory_dir: str | None  # the level's cgroup in the hierarchy that holds memory
     caps: Caps
-    usage_bytes: int | None
+    usage_bytes: int | None  # all it is charged, page cache and kernel memory included
     peak_bytes: int | None
+    # What its processes hold and cannot give back: anonymous memory and tmpfs (memory.stat).
+    # Admission counts this, not usage_bytes: page cache is reclaimed when a run needs the room,
+    # and what removed members leave charged (cache, kernel memory) is nobody's and may stay for
+    # good: counted, it would hold a reservation of the whole cap back forever.
+    held_bytes: int | None = None

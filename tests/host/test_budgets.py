@@ -365,6 +365,23 @@ def test_a_signal_ends_a_waiting_launcher_at_once(budget: str) -> None:
         finish(holder)
 
 
+def test_what_earlier_runs_left_charged_never_holds_a_reservation_back(
+    budget: str, tmp_path: Path
+) -> None:
+    """A run's page cache stays charged to the budget after its sandbox is gone (and some kernel
+    memory with it): nobody's, and it may stay for good. A reservation of the whole cap must
+    still start (it waited forever when admission counted the budget's whole usage)."""
+    assert cli("budget", "set", budget, "--mem", "256M").returncode == 0
+    wrote = cli("--budget", budget, "--", "dd", "if=/dev/zero", f"of={tmp_path / 'f'}", "bs=1M",
+                "count=32", "conv=fsync")  # fmt: skip
+    assert wrote.returncode == 0, wrote.stderr
+    places = levels_fs.bases(_root.get("AERO_BUDGET_ROOT"))
+    left = levels_fs.read_level(places, (budget,))
+    assert left.usage_bytes, "the test needs something left charged to the budget"
+    whole = cli("--budget", budget, "--reserve", "256M", "--queue-timeout", "10", "--", "true")
+    assert whole.returncode == 0, whole.stderr
+
+
 def test_gc_removes_empty_budgets_only(budget: str) -> None:
     assert cli("budget", "set", f"{budget}/idle", "--mem", "100M").returncode == 0
     assert cli("budget", "set", f"{budget}/busy", "--mem", "100M").returncode == 0

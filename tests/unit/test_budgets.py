@@ -58,6 +58,15 @@ def test_usage_above_reservations_counts() -> None:
     assert not found.admitted and found.free == G and found.level == "agents"
 
 
+def test_what_processes_hold_counts_not_page_cache_or_leftovers() -> None:
+    """Usage 3G of which the processes hold 0.5G (the rest page cache, and what removed members
+    left charged): a 3.5G reservation fits beside the 1G reserved (held_bytes, when read)."""
+    mine = ticket(3, 3 * G)
+    found = Level("agents", None, Caps(4 * G), 3 * G, None, G // 2)
+    assert decide(mine, [ticket(1, G, True), mine], [found]).admitted
+    assert not decide(ticket(3, 3 * G + 1), [ticket(1, G, True)], [found]).admitted
+
+
 def test_window_0_is_strict_first_come_first_served() -> None:
     # A 3G waiter ahead cannot fit in 2G free; a 1G one behind it would, but waits its turn.
     big, small = ticket(2, 3 * G), ticket(3, 1 * G)

@@ -38,16 +38,6 @@ else:
 
 NATIVE_ENV = "AERO_SANDBOX_NATIVE_ENTRY"  # set by the native entry: its own path
 SPAWNED_NAME = "aero-sandbox-guardian"
-# Blocked in the spawned guardian as the forked one has them blocked (the supervisor's mask):
-# only SIGKILL ends it while its launcher lives.
-BLOCKED = (
-    _signal.SIGINT,
-    _signal.SIGTERM,
-    _signal.SIGHUP,
-    _signal.SIGQUIT,
-    _signal.SIGUSR1,
-    _signal.SIGUSR2,
-)
 _HELD_FD = 3  # where a spawned guardian holds the fd its notes name
 _END_OF_NOTES = b"\0"
 _DONE = b"d"
@@ -115,7 +105,9 @@ def start(backend: Backend, entry: registry.Entry | None, close: list[int] | Non
                     (os.POSIX_SPAWN_DUP2, 1, 2),
                 ],
                 setsid=True,  # ^C and ^Z from the terminal are not for it
-                setsigmask=BLOCKED,
+                # The launcher's own mask (the supervisor's signals), as a fork would inherit
+                # it: only SIGKILL ends the guardian while its launcher lives.
+                setsigmask=_signal.pthread_sigmask(_signal.SIG_BLOCK, ()),
             )
         except OSError:  # a native entry moved away since we started: fork one
             os.close(write_end)

@@ -6,6 +6,7 @@ Memory here stays under ~1 GB at any moment: other tests run on this machine at 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -609,6 +610,8 @@ def test_a_user_gets_rlimit_nproc(pids_to_kill: list[int]) -> None:
     )
     need(version.stdout.strip() == "True", "the system python is older than 3.11")
     shared = tempfile.mkdtemp(prefix="aero-fallback-")
+    registry = "/tmp/aero-sandbox-65534"  # nobody's registry directory (no XDG_RUNTIME_DIR)
+    made_registry = not os.path.lexists(registry)
     try:
         os.chmod(shared, 0o777)
         report = os.path.join(shared, "r.json")
@@ -631,6 +634,9 @@ def test_a_user_gets_rlimit_nproc(pids_to_kill: list[int]) -> None:
         assert data["sandbox"]["pids_enforcement"] == ["watchdog", "RLIMIT_NPROC"]
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+        if made_registry:  # ours, left empty by the launcher: rmdir, never follows a link
+            with contextlib.suppress(OSError):
+                os.rmdir(registry)
 
 
 CGROUPFS_SETUP = {

@@ -40,6 +40,7 @@ import time
 
 from sandbox.budgets import files
 from sandbox.budgets.model import Level
+from sandbox.budgets.tickets import Ticket, format_ticket, read_live, read_tickets
 from sandbox.core import linux
 from sandbox.core.errors import NotAdmitted, SandboxError
 from sandbox.core.frozen import Frozen
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 else:
     import fcntl  # a C module: cheap
 
-MAGIC = "aero-sandbox-ticket 1"
 # A waiter sleeps on an inotify watch of the state directory that fires when a ticket goes (a
 # run ended: its reservation is free) or is admitted (renamed: it no longer holds back the runs
 # behind it), decides again without the lock then (Queue.look), and reads every ticket under the
@@ -66,19 +66,6 @@ _WAKE_ON = linux.IN_DELETE | linux.IN_MOVED_TO | linux.IN_DELETE_SELF
 # How many later runs may start before a run that waits for memory (backfill, bounded): small
 # runs fill the room a big one cannot use yet, and the big one is passed at most WINDOW times.
 WINDOW = 8
-
-
-class Ticket(Frozen):
-    """One run's place in a budget tree's queue, as read from its file."""
-
-    number: int
-    pid: int
-    budget: str  # agents/agent-17
-    reserve: int
-    started: float
-    running: bool
-    argv: list[str]
-    path: str = ""
 
 
 def within(budget: str, level: str) -> bool:
@@ -133,80 +120,6 @@ def too_big(reserve: int, chain: list[Level]) -> str | None:
     return None
 
 
-# -- the files ----------------------------------------------------------------------------------
-def parse(text: str, path: str) -> Ticket | None:
-    lines = text.split("\n")
-    if not lines or lines[0] != MAGIC:
-        return None
-    name = os.path.basename(path)
-    state, _, rest = name.partition("-")
-    number = files.ascii_int(rest.partition("-")[0])
-    values: dict[str, str] = {}
-    argv: list[str] = []
-    for line in lines[1:]:
-        key, _, value = line.partition(" ")
-        if key == "arg":
-            argv.append(value.replace("\\n", "\n"))
-        elif key:
-            values[key] = value
-    pid = files.ascii_int(values.get("pid", ""))
-    reserve = files.ascii_int(values.get("reserve", ""))
-    try:
-        started = float(values.get("started", ""))
-    except ValueError:
-        return None
-    if number is None or pid is None or reserve is None or state not in ("w", "r"):
-        return None
-    return Ticket(number, pid, values.get("budget", ""), reserve, started, state == "r", argv, path)
-
-
-def _format(ticket: Ticket) -> str:
-    lines = [
-        MAGIC,
-        f"pid {ticket.pid}",
-        f"budget {ticket.budget}",
-        f"reserve {ticket.reserve}",
-        f"started {ticket.started:.6f}",
-    ]
-    lines += ["arg " + arg.replace("\n", "\\n") for arg in ticket.argv]
-    return "\n".join(lines) + "\n"
-
-
-def read_tickets(state: str, remove_stale: bool = True) -> list[Ticket]:
-    """Every live ticket of the tree, oldest first; stale ones (no lock held) are removed."""
-    found = []
-    try:
-        names = os.listdir(state)
-    except OSError:
-        return []
-    for name in names:
-        if name.startswith(("w-", "r-")):
-            ticket = _read_live(os.path.join(state, name), remove_stale)
-            if ticket is not None:
-                found.append(ticket)
-    found.sort(key=lambda t: t.number)
-    return found
-
-
-def _read_live(path: str, remove_stale: bool) -> Ticket | None:
-    """The ticket at `path` if its launcher still holds it; a stale one is removed if asked."""
-    opened = files.read_own(path)
-    if opened is None:
-        return None
-    fd, text = opened
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return parse(text, path)  # its launcher holds it: live
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if remove_stale:
-        files.unlink(path)  # no launcher holds it: it died
-    return None
-
-
 class Queue:
     """A budget tree's state directory, held by one launcher for one run."""
 
@@ -251,7 +164,7 @@ class Queue:
                 path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
             )
             fcntl.flock(fd, fcntl.LOCK_EX)
-            files.write_all(fd, _format(ticket))
+            files.write_all(fd, format_ticket(ticket))
             self.ticket_fd, self.ticket_path = fd, path
             return ticket
         finally:
@@ -287,7 +200,7 @@ class Queue:
                 path = os.path.join(self.state, name)
                 before = self.known.get(("r-" if name[0] == "w" else "w-") + name[2:])
                 if before is None:
-                    ticket = _read_live(path, remove_stale=False)
+                    ticket = read_live(path, remove_stale=False)
                 else:  # renamed when it was admitted
                     ticket = Ticket(
                         before.number,

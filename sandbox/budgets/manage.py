@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any
 
-from sandbox.budgets import admission, files, slices
+from sandbox.budgets import admission, files, slices, tickets
 from sandbox.budgets import cgroup as levels_fs
 from sandbox.budgets.membership import state_dir, state_root
 from sandbox.budgets.model import Caps, parse_name, slice_names
@@ -68,9 +68,9 @@ def set_budget(name: str, memory: int | None, pids: int | None, root: str | None
         return levels_fs.level_dir(levels_fs.memory_base(found), parts)
 
 
-def _tickets(found: list[Hierarchy], parts: tuple[str, ...]) -> list[admission.Ticket]:
+def _tickets(found: list[Hierarchy], parts: tuple[str, ...]) -> list[tickets.Ticket]:
     path = state_dir(found, parts, create=False)
-    return admission.read_tickets(path) if os.path.isdir(path) else []
+    return tickets.read_tickets(path) if os.path.isdir(path) else []
 
 
 def rows(root: str | None) -> list[dict[str, Any]]:
@@ -84,7 +84,7 @@ def _rows(where: Where) -> list[dict[str, Any]]:
     for parts in where.names():
         name = "/".join(parts)
         level = levels_fs.read_level(found, parts)
-        tickets = [t for t in _tickets(found, parts) if admission.within(t.budget, name)]
+        queued = [t for t in _tickets(found, parts) if admission.within(t.budget, name)]
         result.append(
             {
                 "name": name,
@@ -93,8 +93,8 @@ def _rows(where: Where) -> list[dict[str, Any]]:
                 "memory_bytes": level.usage_bytes,
                 "peak_memory_bytes": level.peak_bytes,
                 "running": levels_fs.members(found, parts),
-                "waiting": sum(1 for t in tickets if not t.running),
-                "reserved_bytes": sum(t.reserve for t in tickets if t.running),
+                "waiting": sum(1 for t in queued if not t.running),
+                "reserved_bytes": sum(t.reserve for t in queued if t.running),
                 "cgroup": level.memory_dir,
                 **({"slice": slice_names(parts)[-1]} if where.bus else {}),
             }
@@ -162,8 +162,8 @@ def _remove(where: Where, name: str, parts: tuple[str, ...]) -> list[str]:
 def _busy(found: list[Hierarchy], parts: tuple[str, ...]) -> str | None:
     name = "/".join(parts)
     pids = levels_fs.processes(found, parts)
-    tickets = [t for t in _tickets(found, parts) if admission.within(t.budget, name)]
-    waiting = sum(1 for t in tickets if not t.running)
+    queued = [t for t in _tickets(found, parts) if admission.within(t.budget, name)]
+    waiting = sum(1 for t in queued if not t.running)
     if not pids and not waiting:
         return None
     return (
@@ -182,7 +182,7 @@ def waiting_runs() -> list[dict[str, Any]]:
     now = time.time()
     found: list[dict[str, Any]] = []
     for key in keys:
-        for ticket in admission.read_tickets(os.path.join(root, key), remove_stale=False):
+        for ticket in tickets.read_tickets(os.path.join(root, key), remove_stale=False):
             if ticket.running:
                 continue
             found.append(
@@ -268,7 +268,7 @@ def prune_state() -> list[str]:
         if opened is None:
             continue
         os.close(opened[0])
-        if os.path.isdir(opened[1].strip()) or admission.read_tickets(state):
+        if os.path.isdir(opened[1].strip()) or tickets.read_tickets(state):
             continue
         locks = [admission.take_exclusive(state, n[2:]) for n in _names(state) if n[:2] == "m-"]
         try:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sandbox.budgets import admission, files
+from sandbox.budgets import admission, files, tickets
 from sandbox.budgets.admission import Ticket, decide, too_big
 from sandbox.budgets.model import Caps, Level, directory_names, levels, parse_name, segment_of
 from sandbox.budgets.oom import verdict
@@ -197,13 +197,13 @@ def test_a_reservation_no_cap_can_hold_is_refused() -> None:
 
 
 def test_ticket_round_trip_and_hostile_contents() -> None:
-    text = admission._format(Ticket(7, 42, "agents", G, 1.5, False, ["echo", "a\nb"]))
-    parsed = admission.parse(text, "/x/w-000000000007-42-abcdef")
+    text = tickets.format_ticket(Ticket(7, 42, "agents", G, 1.5, False, ["echo", "a\nb"]))
+    parsed = tickets.parse(text, "/x/w-000000000007-42-abcdef")
     assert parsed is not None and parsed.number == 7 and parsed.argv == ["echo", "a\nb"]
     assert not parsed.running
     for bad in (text.replace("pid 42", "pid ²"), text.replace("reserve", "reserve x"), "junk"):
-        assert admission.parse(bad, "/x/w-000000000007-42-abcdef") is None
-    assert admission.parse(text, "/x/q-000000000007-42-abcdef") is None
+        assert tickets.parse(bad, "/x/w-000000000007-42-abcdef") is None
+    assert tickets.parse(text, "/x/q-000000000007-42-abcdef") is None
 
 
 def test_reader_refuses_symlinks_fifos_and_huge_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -215,7 +215,7 @@ def test_reader_refuses_symlinks_fifos_and_huge_files(tmp_path) -> None:  # type
     assert files.read_own(str(tmp_path / "w-000000000001-1-aaaaaa")) is None
     assert files.read_own(str(tmp_path / "w-000000000002-1-aaaaaa")) is None  # no hang
     assert files.read_own(str(tmp_path / "w-000000000003-1-aaaaaa")) is None
-    assert admission.read_tickets(str(tmp_path)) == []
+    assert tickets.read_tickets(str(tmp_path)) == []
 
 
 def test_oom_verdict() -> None:

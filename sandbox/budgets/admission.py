@@ -237,14 +237,12 @@ def wait_for_admission(
     say: Callable[[str], None],
 ) -> float:
     """Block until the run is admitted; return the seconds waited. Raises NotAdmitted."""
-    start = time.monotonic()
-    deadline = None if queue_timeout is None else start + queue_timeout
     try:  # before the first decision, so no change after it goes unseen
         wake: int | None = linux.inotify(queue.state, _WAKE_ON)
     except OSError:
         wake = None
     try:
-        return _wait(queue, mine, read_chain, queue_timeout, deadline, wake, wait, say) - start
+        return _wait(queue, mine, read_chain, queue_timeout, wake, wait, say)
     finally:
         if wake is not None:
             os.close(wake)
@@ -255,12 +253,13 @@ def _wait(
     mine: Ticket,
     read_chain: Callable[[], list[Level]],
     queue_timeout: float | None,
-    deadline: float | None,
     wake: int | None,
     wait: Callable[[float, int | None], int | None],
     say: Callable[[str], None],
 ) -> float:
-    """wait_for_admission's loop; returns the time.monotonic() of the admission."""
+    """wait_for_admission's loop, woken by `wake` (None: it polls the directory's mtime)."""
+    start = time.monotonic()
+    deadline = None if queue_timeout is None else start + queue_timeout
     said = False
     seen: int | None = None
     decided = 0.0
@@ -281,7 +280,7 @@ def _wait(
                 decided = now
                 verdict = queue.try_admit(mine, read_chain)
         if verdict.admitted:
-            return time.monotonic()
+            return time.monotonic() - start
         if not said:
             runs = "run" if verdict.ahead == 1 else "runs"
             say(

@@ -114,29 +114,25 @@ def join(
     bus = slices.open_bus(backend)
     member: Membership | None = None
     try:
-        if bus is not None:
-            places = slices.tree(bus)
-        else:
-            places = levels_fs.bases(os.environ.get(levels_fs.ROOT_ENV, "").strip() or None)
-        member = Membership(name, parts, places)
-        member.queue.join(levels(parts))
-        _enter(member, bus, budget_mem)
+        try:
+            if bus is not None:
+                places = slices.tree(bus)
+            else:
+                places = levels_fs.bases(os.environ.get(levels_fs.ROOT_ENV, "").strip() or None)
+            member = Membership(name, parts, places)
+            member.queue.join(levels(parts))
+            _enter(member, bus, budget_mem)
+        finally:
+            if bus is not None:  # not held while waiting: the manager would queue signals for it
+                bus.close()
+        if reserve is not None:
+            member.reserve = reserve
+            _admit(member, reserve, queue_timeout, argv, wait, say)
     except BaseException:
         if member is not None:
             member.leave()
         raise
-    finally:
-        if bus is not None:  # not held while waiting: the manager would queue signals for it
-            bus.close()
-    if reserve is not None:
-        member.reserve = reserve
-        try:
-            _admit(member, reserve, queue_timeout, argv, wait, say)
-        except BaseException:
-            member.leave()
-            raise
     return member
-
 
 def _enter(member: Membership, bus: Bus | None, budget_mem: int | None) -> None:
     """Find the budget's levels (or create them with --budget-mem's cap); where the backend

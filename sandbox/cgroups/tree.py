@@ -45,9 +45,9 @@ def kill_until_empty(directory: str, timeout_s: float = KILL_TIMEOUT_S) -> bool:
                 if not _populated(directory):
                     return []
                 cgroupfs.write(kill_file, "1")
-                return cgroupfs.procs(directory) if _populated(directory) else []
             except FileNotFoundError:
                 return []  # the cgroup is gone, and with it everything in it
+            return cgroupfs.procs(directory)
         left = cgroupfs.procs(directory)
         linux.kill_each(left, 9)
         return left

@@ -147,22 +147,10 @@ def note_guardian(entry: Entry | None, pid: int) -> None:
             pass
 
 
-def unregister(entry: Entry | None) -> None:
-    """Remove this run's entry, then (cheaply) any entry a dead launcher left. Never raises."""
-    if entry is None:
-        return
-    _unlink(entry.path)
-    try:
-        os.close(entry.fd)
-    except OSError:
-        pass
-    sweep_beside(entry)
-
-
-def sweep_beside(entry: Entry | None) -> None:
-    """sweep() the directory of this run's entry."""
-    if entry is not None:
-        sweep(os.path.dirname(entry.path))
+def sweep_beside(entry_path: str | None) -> None:
+    """sweep() the directory of this run's entry (at `entry_path`)."""
+    if entry_path is not None:
+        sweep(os.path.dirname(entry_path))
 
 
 def discard(path: str) -> None:

@@ -138,7 +138,9 @@ def _fork(backend: Backend, entry: registry.Entry | None, close: list[int] | Non
             path = entry.path if entry is not None else None
             if os.read(read_end, 1) != _DONE:
                 _clean_up(backend, path)
-            _sweep(path)
+            # What dead launchers left in the registry: after our launcher is gone, so it costs
+            # no run any time (that gc's cgroups is part of backend.remove()).
+            registry.sweep_beside(path)
         finally:
             os._exit(0)
     os.close(read_end)
@@ -162,7 +164,7 @@ def clean_up_after(notes: str) -> None:
     try:
         _clean_up(backend, entry)
     finally:
-        _sweep(entry)
+        registry.sweep_beside(entry)
 
 
 def _clean_up(backend: Backend, entry: str | None) -> None:
@@ -172,9 +174,3 @@ def _clean_up(backend: Backend, entry: str | None) -> None:
         if entry is not None:
             registry.discard(entry)
 
-
-def _sweep(entry: str | None) -> None:
-    """What dead launchers left in the registry: after our launcher is gone, so it costs no run
-    any time (that gc's cgroups is part of backend.remove())."""
-    if entry is not None:
-        registry.sweep(os.path.dirname(entry))

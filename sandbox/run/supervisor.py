@@ -245,7 +245,7 @@ def _supervise(
         if gc_at is not None and now >= gc_at:
             gc_at = None
             backend.collect_stale()
-            registry.sweep_beside(entry)
+            registry.sweep_beside(entry.path if entry is not None else None)
         waits = [t for t in (deadline, kill_at, next_tick, gc_at) if t is not None]
         # poll() takes a C int of milliseconds: a deadline weeks away waits in steps.
         timeout_ms = -1 if not waits else min(max(0.0, min(waits) - now) * 1000, _MAX_POLL_MS)

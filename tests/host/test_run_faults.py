@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.cgroups import cgroupfs
+from sandbox.core import procfs
 from tests.conftest import (
     LAUNCHER,
     ROOT,
@@ -256,13 +257,16 @@ def test_the_spawned_guardian_cleans_up_after_a_sigkilled_launcher(
             return {c for c in sandbox_cgroups() if os.path.basename(c).startswith(ours)}
 
         def sleepers() -> list[int]:
-            return [int(p) for p in os.listdir("/proc") if p.isdigit() and _sleeper(p)]
+            return [pid for pid in procfs.pids() if _sleeper(pid)]
 
         assert wait_until(lambda: len(sleepers()) == 2, timeout=30), proc.stderr
         cgroups, tree = mine(), sleepers()
         assert bool(cgroups) == (backend == "cgroup"), cgroups
-        named = [int(p) for p in os.listdir("/proc") if p.isdigit() and _named(p, GUARDIAN)]
-        guardian = next(g for g in named if _parent(g) == proc.pid)
+        guardian = next(
+            pid
+            for pid in procfs.pids()
+            if _argv0(pid) == GUARDIAN and getattr(procfs.stat(pid), "ppid", 0) == proc.pid
+        )
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         assert wait_until(lambda: not any(map(pid_alive, tree)), timeout=10), tree
@@ -277,41 +281,20 @@ def test_the_spawned_guardian_cleans_up_after_a_sigkilled_launcher(
                 os.kill(pid, signal.SIGKILL)
 
 
-def _sleeper(pid: str) -> bool:
-    """One of this test's sleeps (sleep 300 or 301 with our marker-free command line)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read() in (b"sleep\0" + b"300\0", b"sleep\0" + b"301\0") and _ours(pid)
-    except OSError:
+def _sleeper(pid: int) -> bool:
+    """One of this test's sleeps (sleep 300 or 301), started by a launcher of this test run (its
+    environment carries launcher_env()'s path)."""
+    argv = procfs.read(f"/proc/{pid}/cmdline")
+    if argv not in (b"sleep\0" + b"300\0", b"sleep\0" + b"301\0"):
         return False
+    return str(ROOT).encode() in (procfs.read(f"/proc/{pid}/environ") or b"")
 
 
-def _ours(pid: str) -> bool:
-    """Started by a launcher of this test run: its environment carries launcher_env()'s path."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return str(ROOT).encode() in f.read()
-    except OSError:
-        return False
+GUARDIAN = b"aero-sandbox-guardian"  # its argv[0] (its comm is the binary's file name)
 
 
-GUARDIAN = "aero-sandbox-guardian"  # its argv[0] (its comm is the binary's file name)
-
-
-def _named(pid: str, name: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0")[0] == name.encode()
-    except OSError:
-        return False
-
-
-def _parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return 0
+def _argv0(pid: int) -> bytes:
+    return (procfs.read(f"/proc/{pid}/cmdline") or b"").split(b"\0")[0]
 
 
 def test_the_installed_entry_keeps_an_ignored_sigpipe() -> None:

@@ -15,7 +15,8 @@
  * what it read in AERO_SANDBOX_GUARDIAN_NOTES, which cleans up.
  *
  * It lives in bin/ beside the script it fronts: it is the entry layer, built by scripts/install
- * (scripts/native-entry), not part of the `sandbox` package, which stays pure Python.
+ * (scripts/native-entry), not part of the `sandbox` package (whose one C file,
+ * sandbox/core/syscalls.c, is an optional module of system calls).
  * Built with PYTHON, SCRIPT and ENTRY (its own path) defined as C strings. Any POSIX libc; no
  * kernel requirement.
  */

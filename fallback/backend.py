@@ -120,6 +120,10 @@ class RlimitBackend:
             resource.setrlimit(getattr(resource, name), (value, value))
         os.environ[MARKER] = self._id
 
+    def child_plan(self) -> linux.ChildSetup:
+        rlimits = tuple((getattr(resource, name), value) for name, value in self._rlimits.items())
+        return linux.ChildSetup(rlimits=rlimits, nice=self._nice, env=((MARKER, self._id),))
+
     def started(self, pid: int) -> None:
         self._main = pid
         # Our other children, now: the guardian. Every later one is an orphan of the tree.

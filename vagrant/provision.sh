@@ -30,6 +30,13 @@ install_from_wheelhouse() {
     /usr/bin/python3 -m venv --without-pip --clear "$PREFIX"
     /usr/bin/python3 -m pip --python "$PREFIX/bin/python" install --quiet --no-compile \
         --disable-pip-version-check --root-user-action=ignore --no-index --find-links "$1" "$REQ"
+    write_bundle
+}
+
+# Our modules compiled into one file beside the entry, which reads it at start-up
+# (sandbox/bundle.py). From /: the installed package, not a source tree in the working directory.
+write_bundle() {
+    (cd / && "$PREFIX/bin/python" -I -m sandbox.bundle "$PREFIX/bin/aero-sandbox.bundle" >/dev/null)
 }
 
 install_from_source() {
@@ -47,7 +54,11 @@ install_from_source() {
     bash "$tmp/scripts/entry-paths" "$PREFIX/bin"
     # The native entry that keeps a caller's ignored SIGPIPE (bin/aero-sandbox.c); gcc is here.
     bash "$tmp/scripts/native-entry" "$PREFIX/bin"
+    # The launcher's system calls as a C module (sandbox/core/syscalls.c), into the installed copy.
+    bash "$tmp/scripts/native-module" "$PREFIX/bin/python" "$(cd / && "$PREFIX/bin/python" -I -c \
+        'import os, sandbox.core; print(os.path.dirname(sandbox.core.__file__))')"
     rm -rf "$tmp"
+    write_bundle
 }
 
 case "${1:-}" in

@@ -171,6 +171,13 @@ class CgroupBackend:
             join = "/cgroup.procs" if cgroup.version == 2 else "/tasks"
             cgroupfs.write(cgroup.path + join, "0")
 
+    def child_plan(self) -> linux.ChildSetup | None:
+        """Born in the v2 cgroup (see fork()); v1's through `tasks`, as child_setup does."""
+        if self.v2 is not None and not _clone_into_works:  # refused once: the fork's way
+            return None
+        joins = tuple(c.path + "/tasks" for c in self.created if c.version == 1)
+        return linux.ChildSetup(born_in=self.v2.path if self.v2 else None, joins=joins)
+
     def started(self, pid: int) -> None:
         pass
 

@@ -3,7 +3,8 @@
 Only type checkers import this module: `typing` costs ~9 ms of start-up, and the launcher's
 start-up time is a feature. A backend object lives for one run:
 
-    prepare -> (fork) child_setup in the child -> started in the parent -> collect_stale
+    prepare -> (fork) child_setup in the child, or child_plan's data to a native spawn
+    -> started in the parent -> collect_stale
     -> supervise (watch_fds / check / signal_all) -> kill_all -> measure -> remove
 
 From prepare on, the launcher's clean-up context owns the backend: remove() runs on every path
@@ -17,6 +18,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from sandbox.core.limits import Limits
+from sandbox.core.linux import ChildSetup
 from sandbox.core.result import Placement, Usage
 
 
@@ -35,6 +37,10 @@ class Backend(Protocol):
 
     def child_setup(self) -> None:
         """In the forked child, before exec: join the sandbox. No exec may happen outside it."""
+
+    def child_plan(self) -> ChildSetup | None:
+        """What child_setup does, as data, for a spawn whose child runs no Python
+        (sandbox/run/spawn.py); None when only child_setup can do it."""
 
     def started(self, pid: int) -> None:
         """In the parent, after fork: the main child's pid is known."""

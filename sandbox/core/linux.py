@@ -1,8 +1,10 @@
 """The few Linux calls Python's standard library lacks: prctl, signalfd, clone3 and inotify.
 
-They go through `_ctypes`, the C core of ctypes, not through the `ctypes` package: the package
-builds its type classes at import (~3 ms, as long as the rest of our imports together), the
-core loads in ~0.5 ms. We declare the one return type (int) ourselves, as ctypes.CDLL would.
+They come from sandbox/core/syscalls.c (the module `_syscalls`, built by scripts/install where
+a C compiler exists), else from `_ctypes` (sandbox/core/ctypes_calls.py): the same calls, ~0.5
+ms more of start-up. Only _syscalls has `spawn` (a clone that shares the launcher's memory and
+execs, sandbox/run/spawn.py); only ctypes_calls has clone3 with fork semantics, imported when a
+fork into a cgroup is needed (no _syscalls, or its spawn refused).
 
 signalfd gives each signal's sender (si_code), so a Ctrl-C that the terminal already delivered
 to the child's process group is not sent to it a second time, while a `kill -INT` aimed at the
@@ -11,96 +13,67 @@ launcher is forwarded.
 
 from __future__ import annotations
 
-import _ctypes
 import os
 import time
+
+from sandbox.core.frozen import Frozen
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection
 
+try:
+    from sandbox.core import _syscalls as _calls
+except ImportError:  # not built: no C compiler when installed, or a wheel
+    from sandbox.core import ctypes_calls as _calls  # type: ignore[no-redef]
+
+# spawn(...) of sandbox/core/syscalls.c, or None (not built, or not on this architecture)
+native_spawn = getattr(_calls, "spawn", None)
+
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 SFD_NONBLOCK = os.O_NONBLOCK
 SFD_CLOEXEC = os.O_CLOEXEC
-if TYPE_CHECKING:
-    _IntData = _ctypes._SimpleCData[int]
-else:
-    _IntData = _ctypes._SimpleCData  # generic for typeshed only
-
 SI_KERNEL = 0x80  # a signal the kernel sent: the terminal's ^C, ^\, a hangup
 _SIGINFO_SIZE = 128
+_SIGSET_SIZE = 128  # glibc's sigset_t (the kernel reads the first 8 bytes)
 
 
-class _Int(_IntData):
-    _type_ = "i"  # ctypes.c_int
+class ChildSetup(Frozen, kw_only=True):
+    """What a backend's child does between the clone and the exec, as data, so that a spawn
+    whose child runs no Python can do it (Backend.child_plan, native_spawn)."""
 
-
-class _Function(_ctypes.CFuncPtr):
-    """A libc function returning int, its errno kept for us (ctypes.CDLL(None, use_errno=True))."""
-
-    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
-    _restype_ = _Int
-
-
-class _Libc:
-    """What _ctypes needs of a ctypes.CDLL: its dlopen(3) handle (NULL: the program itself)."""
-
-    _handle = _ctypes.dlopen(None)  # type: ignore[arg-type]  # typeshed lacks dlopen(NULL)
-
-
-class _HeldFunction(_Function):
-    """As _Function, but the GIL stays held across the call (ctypes.PyDLL): a clone's child
-    returns into Python holding it, as after os.fork()."""
-
-    _flags_ = _Function._flags_ | _ctypes.FUNCFLAG_PYTHONAPI
-
-
-# typeshed types the library as a ctypes.CDLL; _ctypes only reads its _handle.
-_prctl = _Function(("prctl", _Libc))  # type: ignore[arg-type]
-_signalfd = _Function(("signalfd", _Libc))  # type: ignore[arg-type]
-_syscall = _HeldFunction(("syscall", _Libc))  # type: ignore[arg-type]
-_inotify_init1 = _Function(("inotify_init1", _Libc))  # type: ignore[arg-type]
-_inotify_add_watch = _Function(("inotify_add_watch", _Libc))  # type: ignore[arg-type]
-SYS_CLONE3 = 435  # the same number on every architecture's table (x86-64, arm64...)
-CLONE_INTO_CGROUP = 0x200000000
-
-
-def _check(result: int) -> int:
-    if result < 0:
-        err = _ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return result
+    born_in: str | None = None  # the cgroup v2 directory the child is cloned into
+    joins: tuple[str, ...] = ()  # files the child writes "0" into: a v1 cgroup's `tasks`
+    rlimits: tuple[tuple[int, int], ...] = ()  # (resource, soft and hard limit)
+    nice: int | None = None
+    env: tuple[tuple[str, str], ...] = ()  # variables set in the command's environment
 
 
 def set_child_subreaper() -> None:
     """Orphaned descendants (double forks, setsid daemons) are reparented to us, not to init."""
-    _check(_prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0))
+    _calls.prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 def set_parent_death_signal(signo: int) -> None:
-    _check(_prctl(PR_SET_PDEATHSIG, signo, 0, 0, 0))
+    _calls.prctl(PR_SET_PDEATHSIG, signo)
 
 
 def clone_into_cgroup(cgroup_fd: int, exit_signal: int) -> int:
-    """fork(), the child born in the cgroup v2 directory open as `cgroup_fd` (clone3 with
-    CLONE_INTO_CGROUP, Linux 5.7+): 0 in the child, its pid in the parent. OSError where it is
-    refused (ENOSYS: older kernel or a seccomp filter; EINVAL...); nothing was started then.
+    """fork() into a cgroup v2 directory: sandbox/core/ctypes_calls.py."""
+    from sandbox.core.ctypes_calls import clone_into_cgroup as clone
 
-    Unlike os.fork(), no at-fork handlers run and no interpreter lock is re-made: the child may
-    only do what a forked child of a single-threaded launcher does before exec (no imports, no
-    threads), which is all our spawn does."""
-    # struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size,
-    # tls, set_tid, set_tid_size, cgroup; a u64 each
-    fields = (CLONE_INTO_CGROUP, 0, 0, 0, exit_signal, 0, 0, 0, 0, 0, cgroup_fd)
-    args = b"".join(value.to_bytes(8, "little") for value in fields)
-    return _check(_syscall(SYS_CLONE3, args, len(args)))
+    return clone(cgroup_fd, exit_signal)
+
+
+def signal_mask(signals: set[int] | frozenset[int]) -> bytes:
+    """A sigset_t's bytes, as signalfd(2) and rt_sigprocmask(2) take it."""
+    return sum(1 << (s - 1) for s in signals).to_bytes(_SIGSET_SIZE, "little")
 
 
 def signalfd(signals: set[int] | frozenset[int]) -> int:
     """A non-blocking close-on-exec fd that reads the given (already blocked) signals."""
-    mask = sum(1 << (s - 1) for s in signals).to_bytes(_SIGINFO_SIZE, "little")
-    return _check(_signalfd(-1, mask, SFD_NONBLOCK | SFD_CLOEXEC))
+    return _calls.signalfd(signal_mask(signals), SFD_NONBLOCK | SFD_CLOEXEC)
 
 
 IN_MOVED_TO = 0x80
@@ -112,9 +85,9 @@ def inotify(path: str, mask: int) -> int:
     """A non-blocking close-on-exec fd that becomes readable when `mask`'s events happen in the
     directory `path` (Linux 2.6.27+). OSError where refused (EMFILE: the user's
     fs.inotify.max_user_instances, 128 by default, are taken)."""
-    fd = _check(_inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+    fd = _calls.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        _check(_inotify_add_watch(fd, os.fsencode(path), mask))
+        _calls.inotify_add_watch(fd, os.fsencode(path), mask)
     except OSError:
         os.close(fd)
         raise

@@ -1,4 +1,10 @@
-"""Starting the command: fork (or clone3 into the cgroup), join the sandbox in the child, exec.
+"""Starting the command: the child joins the sandbox, then execs.
+
+Two ways. Where sandbox/core/syscalls.c was built and the backend can say as data what its
+child does (Backend.child_plan), a clone that shares the launcher's memory runs no Python and
+execs at once, as posix_spawn(3) does (clone3 CLONE_VM | CLONE_VFORK, born in the v2 cgroup):
+the kernel copies none of the launcher's page tables. Otherwise a fork (or clone3 into the
+cgroup), backend.child_setup in the child, exec.
 
 The child reports a failure to join or to exec on a close-on-exec pipe (EOF: the exec happened),
 so the launcher tells 125 (setup), 126 and 127 apart as coreutils' `timeout` does.
@@ -39,9 +45,17 @@ def spawn(
     launcher = os.getpid()
     kept = _caller_ignores()
     resolved = _on_path(argv[0])
+    plan = None if protect is not None or not _NATIVE else backend.child_plan()
     read_end, write_end = os.pipe()  # close-on-exec: EOF means the exec happened
+    pid = -1
+    if plan is not None and all("\0" not in arg for arg in argv):
+        try:
+            pid = _spawn_natively(argv, plan, kept, resolved, child_mask, write_end)
+        except OSError:  # the clone refused (a seccomp filter, Linux before 5.7): as below
+            _NATIVE.clear()
     # The cgroup backend's child is born in its v2 cgroup (CgroupBackend.fork says why).
-    pid = getattr(backend, "fork", os.fork)()
+    if pid < 0:
+        pid = getattr(backend, "fork", os.fork)()
     if pid == 0:  # pragma: no cover - runs in the child
         try:
             os.close(read_end)
@@ -79,11 +93,64 @@ def spawn(
     finally:
         os.close(read_end)
     if chunks:
-        kind, errno, message = b"".join(chunks).decode(errors="replace").split(":", 2)
+        kind, number, message = b"".join(chunks).decode(errors="replace").split(":", 2)
+        errno = int(number)
         if kind == "setup":
-            raise SandboxError(f"could not place the command in the sandbox: {message}")
-        raise ExecFailed(int(errno), message)
+            # The native child names what failed and sends the errno; a forked one the error.
+            why = f"{message}: {os.strerror(errno)}" if errno else message
+            raise SandboxError(f"could not place the command in the sandbox: {why}")
+        raise ExecFailed(errno, message or os.strerror(errno))
     return pid
+
+
+# Cleared once the kernel refuses the native clone: every later spawn forks.
+_NATIVE = [True] if linux.native_spawn is not None else []
+
+
+def _spawn_natively(
+    argv: list[str],
+    plan: linux.ChildSetup,
+    kept: list[str],
+    resolved: str | None,
+    child_mask: set[int],
+    report_fd: int,
+) -> int:
+    """The clone that runs no Python (sandbox/core/syscalls.c); returns once the child has
+    exec'd or failed (its failure is on report_fd). OSError: nothing was started."""
+    opened: list[int] = []
+    try:
+        try:
+            if plan.born_in is not None:
+                opened.append(os.open(plan.born_in, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            joins = []
+            for path in plan.joins:
+                opened.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+                joins.append((opened[-1], os.fsencode(path)))
+        except OSError as err:
+            raise SandboxError(f"could not place the command in the sandbox: {err}") from err
+        envp = None
+        if plan.env:
+            env = {**os.environb, **{os.fsencode(k): os.fsencode(v) for k, v in plan.env}}
+            envp = [name + b"=" + value for name, value in env.items()]
+        assert linux.native_spawn is not None
+        pid: int = linux.native_spawn(
+            None if resolved is None else os.fsencode(resolved),
+            os.fsencode(os.environ.get("PATH") or os.defpath),
+            [os.fsencode(arg) for arg in argv],
+            envp,
+            opened[0] if plan.born_in is not None else -1,
+            joins,
+            list(plan.rlimits),
+            plan.nice,
+            "PIPE" in kept,
+            "XFSZ" in kept,
+            linux.signal_mask(child_mask),
+            report_fd,
+        )
+        return pid
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 # The child between fork and exec is the costliest place for any work: each page it touches is

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from sandbox.cgroups import warmup
-from tests.conftest import launcher_env, need_kernel_sandbox, run_launcher
+from tests.conftest import launcher_env, run_launcher
 
 PY = sys.executable
 
@@ -54,40 +54,6 @@ def _settled_mask(thread: str) -> int | None:
             return int(fields["SigBlk"], 16)
         time.sleep(0.001)
     return None
-
-
-_PLACED = """
-import sys
-from sandbox.backends import cgroup
-from sandbox.cli import exit_now, main
-if sys.argv[1] == "fork":
-    cgroup._clone_into_works.clear()  # as where clone3 is refused (seccomp, Linux < 5.7)
-exit_now(main(["--backend", "cgroup", "--mem", "256M", "--", "cat", "/proc/self/cgroup"]))
-"""
-
-
-@pytest.mark.parametrize("how", ["clone3", "fork"])
-def test_the_command_starts_in_every_cgroup_of_its_sandbox(how: str) -> None:
-    """Born in the v2 cgroup (CLONE_INTO_CGROUP) or forked and moved: either way the command is
-    in the sandbox's cgroup of every hierarchy it uses before it runs."""
-    if os.geteuid() != 0:  # a property of this test run: others need a delegated cgroup
-        pytest.skip("root only: --backend cgroup below the launcher's own cgroup")
-    need_kernel_sandbox()
-    proc = subprocess.run(
-        [PY, "-c", _PLACED, how],
-        env=launcher_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    placed = {}
-    for line in proc.stdout.splitlines():
-        _, controllers, path = line.split(":", 2)
-        placed[controllers] = os.path.basename(path)
-    used = [c for c in ("", "memory", "pids") if c in placed]
-    names = {placed[c] for c in used}
-    assert len(names) == 1 and names.pop().startswith("aero-sandbox-"), proc.stdout
 
 
 def test_quick_commands_in_a_row_all_end() -> None:

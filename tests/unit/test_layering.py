@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "entry",
         (
             "sandbox.__main__",
+            "sandbox.bundle",
             "sandbox.cli",
             "sandbox.commands",
             "sandbox.options",

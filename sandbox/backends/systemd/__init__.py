@@ -64,6 +64,9 @@ class SystemdBackend:
         self._release = os.pipe()
 
     # -- run ----------------------------------------------------------------------------------
+    def child_plan(self) -> None:
+        return None  # the child waits on a pipe until systemd made its scope (child_setup)
+
     def child_setup(self) -> None:
         """Wait until the parent has put us in the scope: 'g' on the pipe, or EOF if it failed."""
         assert self._release is not None

@@ -92,6 +92,10 @@ def remove_stale(parent: str) -> list[str]:
     """
     removed: list[str] = []
     try:
+        # cgroupfs (kernfs, Linux 3.15+) counts a directory's subdirectories in its link count:
+        # 2 is none at all, the usual case once our own is gone, with no listing to read.
+        if os.stat(parent).st_nlink == 2:
+            return removed
         names = os.listdir(parent)
     except OSError:
         return removed

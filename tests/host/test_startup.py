@@ -76,3 +76,40 @@ def test_closed_output_streams_exit_cleanly() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_installed_entry_reads_its_bundle_and_passes_on_no_fd_of_it() -> None:
+    """scripts/install's bundle (sandbox/bundle.py): the entry serves our modules from it, and
+    the file it keeps open is close-on-exec: the command has only the fds its caller gave."""
+    bin_dir = os.path.dirname(sys.executable)
+    entry = os.path.join(bin_dir, "aero-sandbox")
+    if not os.path.exists(os.path.join(bin_dir, "aero-sandbox.bundle")):
+        pytest.skip(f"no bundle beside {entry} (installed by pip alone, not scripts/install)")
+    proc = subprocess.run(
+        [entry, "--", "sh", "-c", "ls /proc/$$/fd"],
+        env=launcher_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        close_fds=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.split(), key=int) == ["0", "1", "2"], proc.stdout
+    script = os.path.join(bin_dir, "aero-sandbox.py")
+    script = script if os.path.exists(script) else entry  # without the native entry
+    verbose = subprocess.run(  # -v: Python names each .pyc it loads
+        [sys.executable, "-S", "-v", script, "--", "true"],
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert verbose.returncode == 0, verbose.stderr
+    loaded = [
+        line
+        for line in verbose.stderr.splitlines()
+        if line.startswith("# code object from") and ("/sandbox/" in line or "/fallback/" in line)
+    ]
+    # The package and the bundle module itself, found the usual way; the rest from the bundle.
+    assert len(loaded) == 2, loaded

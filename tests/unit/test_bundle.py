@@ -105,3 +105,22 @@ print(loaders.count("_Finder"))
     assert proc.returncode == 0, proc.stderr
     listed, served = proc.stdout.split()
     assert 30 <= int(served) <= count and listed == "False", proc.stdout
+
+
+def test_a_launcher_started_without_stdin_keeps_fd_0_closed(tmp_path: Path) -> None:
+    """The file would be opened as fd 0: read whole and closed, so the launcher still finds
+    stdin closed (and holds it with /dev/null, sandbox/cli.py)."""
+    source = demo_package(tmp_path)
+    file = tmp_path / "demo.bundle"
+    bundle.write(str(file), str(tmp_path), ("demo",), extensions=())
+    script = SHOW.format(home=str(tmp_path), root=str(ROOT), file=str(file), source=str(source))
+    script += "import os\ntry:\n    os.fstat(0)\nexcept OSError:\n    print('closed')\n"
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", script],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.close(0),
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["True", "_Finder True", "3 Unknown False", "closed"]

@@ -58,7 +58,10 @@ print(" ".join(f"{p}=={v(p)}" for p in ("aero-sandbox", "pystemd", "pytest")))'
 
 # The tests run the checkout itself (tests/conftest.py: ROOT = tests/.., PYTHONPATH=ROOT, and
 # scripts/), with the venv for pytest and the dependencies. Copied whole, less VCS data and
-# caches, and owned by aero: both runs can write there and read each other's files.
+# caches, and owned by aero: both runs can write there and read each other's files. The C module
+# scripts/install built on the host (sandbox/core/_syscalls*.so) comes along: the same Python ABI
+# (cpython-311) loads it, so the checkout's tests start commands the native way, while the
+# installed venv (no compiler in the image) has none and takes the _ctypes way.
 rm -rf "$WORK" && mkdir -p "$WORK"
 tar -C "$SRC" --exclude=./.git --exclude=./.venv --exclude='./.*_cache' --exclude=__pycache__ \
     --exclude='*.egg-info' --exclude=./build --exclude=./dist -cf - . | tar -C "$WORK" -xf -

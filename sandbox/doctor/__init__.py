@@ -3,8 +3,9 @@
 Every finding is a Check (check.py): a status (ok, info, warn, error), one line in plain words,
 and the exact remedy when something is missing. The checks, in the order they are shown:
 
-    host.py        kernel version, cgroup hierarchies and the controllers a sandbox gets (the
-                   cgroup backend's own choice), cgroup.kill/memory.peak, the machine's size
+    host.py        kernel version, how fast this installation starts a run, cgroup hierarchies
+                   and the controllers a sandbox gets (the cgroup backend's own choice),
+                   cgroup.kill/memory.peak, the machine's size
     systemd.py     systemd as PID 1, the bus the systemd backend talks to, linger, pystemd
     userlimits.py  RLIMIT_NPROC (tasks counted as the kernel does) and RLIMIT_NOFILE
     project.py     the Node version against .nvmrc
@@ -54,6 +55,7 @@ def diagnose(environ: Mapping[str, str] | None = None, cwd: str | None = None) -
     backend_check, probed = probe.check(environ)
     checks = [
         host.kernel(),
+        host.start_up(),
         host.cgroups(hierarchies),
         host.cgroup_v2_files(hierarchies, probed),
         *systemd.checks(backend_check),

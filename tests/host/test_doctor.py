@@ -79,7 +79,8 @@ def test_doctor_json_matches_exit_status(tmp_path: Path) -> None:
     assert data["exit_code"] == code
     assert data["memory_enforced"] == (code != doctor.EXIT_NO_MEMORY_SANDBOX)
     names = [check["name"] for check in data["checks"]]
-    for name in ("kernel", "cgroups", "systemd", "processes", "open files", "machine", "node"):
+    wanted = ("kernel", "start-up", "cgroups", "systemd", "processes", "open files", "machine")
+    for name in (*wanted, "node"):
         assert name in names
     assert names[-1] == "backend"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 import pytest
 
 from sandbox.cgroups import warmup
+from sandbox.core import linux
 from tests.conftest import launcher_env, run_launcher
 
 PY = sys.executable
@@ -113,3 +115,8 @@ def test_the_installed_entry_reads_its_bundle_and_passes_on_no_fd_of_it() -> Non
     ]
     # The package and the bundle module itself, found the usual way; the rest from the bundle.
     assert len(loaded) == 2, loaded
+    doctor = subprocess.run(
+        [entry, "doctor", "--json"], env=launcher_env(), capture_output=True, timeout=60
+    )
+    check = next(c for c in json.loads(doctor.stdout)["checks"] if c["name"] == "start-up")
+    assert check["details"] == {"native_spawn": linux.native_spawn is not None, "bundle": True}

@@ -6,7 +6,8 @@
 Interleaved runs (one of each command per round, so drifts of the machine hit all alike) of:
   python -c pass                   the same interpreter the launcher runs on
   bare floor (bench/floor.py)      only what a cgroup sandbox cannot avoid: three cgroups made,
-                                   fork, the child written into each cgroup.procs, exec, rmdir
+                                   the child cloned into the v2 one (sharing memory where the C
+                                   module is built), joining v1 through `tasks`, exec, rmdir
                                    (root, or a delegated cgroup; left out where it cannot run)
   aero-sandbox --mem 1G -- true    the installed entry point, backend auto
   aero-sandbox --backend rlimit    the fallback: rlimits and a watchdog, no cgroup

@@ -487,7 +487,10 @@ def entry_script() -> list[str]:
 
 def python_start_up_failure(stderr: str) -> bool:
     """Python's own start-up interrupted (its core imports io and codecs, checks argv[0] with
-    zipimport, compiles the script): before any of our code runs, and beyond its reach."""
+    zipimport, compiles the script): before any of our code runs, and beyond its reach. A ^C
+    while the core sets up sys.stdin/stdout/stderr ends it as a fatal error of that step, whose
+    chained error need not name the interrupt (seen once in the VM stage: "Fatal Python error:
+    init_sys_streams", then a TypeError in <frozen io>)."""
     import re
 
     frames = re.findall(r'File "([^"]+)", line (\d+)', stderr)
@@ -498,7 +501,8 @@ def python_start_up_failure(stderr: str) -> bool:
         or "/fallback/" in path
         or (path.endswith("aero-sandbox") and line != "0")  # line 0: still compiling it
     ]
-    return "KeyboardInterrupt" in stderr and not ours
+    core = "Fatal Python error: init_" in stderr and "runtime state: core initialized" in stderr
+    return ("KeyboardInterrupt" in stderr or core) and not ours
 
 
 def slowness() -> float:

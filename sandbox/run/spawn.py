@@ -36,7 +36,8 @@ class ExecFailed(Exception):
 def spawn(
     argv: list[str], backend: Backend, child_mask: set[int], protected: bool = False
 ) -> int:
-    """Fork, join the sandbox in the child, exec. Raises ExecFailed (126/127) or SandboxError."""
+    """Start the command in the sandbox (the native clone or a fork), exec it; its pid. Raises
+    ExecFailed (126/127) or SandboxError (125), and then nothing is left running."""
     protect: Callable[[], None] | None = None
     if protected:  # imported here: ctypes stays off the run path of every other run
         from sandbox.core.protect import protect_limits
@@ -48,14 +49,19 @@ def spawn(
     plan = None if protect is not None or not _NATIVE else backend.child_plan()
     read_end, write_end = os.pipe()  # close-on-exec: EOF means the exec happened
     pid = -1
-    if plan is not None and all("\0" not in arg for arg in argv):
-        try:
-            pid = _spawn_natively(argv, plan, kept, resolved, child_mask, write_end)
-        except OSError:  # the clone refused (a seccomp filter, Linux before 5.7): as below
-            _NATIVE.clear()
-    # The cgroup backend's child is born in its v2 cgroup (CgroupBackend.fork says why).
-    if pid < 0:
-        pid = getattr(backend, "fork", os.fork)()
+    try:
+        if plan is not None and all("\0" not in arg for arg in argv):
+            try:
+                pid = _spawn_natively(argv, plan, kept, resolved, child_mask, write_end)
+            except OSError:  # the clone refused (a seccomp filter, Linux before 5.7): as below
+                _NATIVE.clear()
+        # The cgroup backend's child is born in its v2 cgroup (CgroupBackend.fork says why).
+        if pid < 0:
+            pid = getattr(backend, "fork", os.fork)()
+    except BaseException:  # nothing started: a cgroup file that would not open, no fork
+        os.close(read_end)
+        os.close(write_end)
+        raise
     if pid == 0:  # pragma: no cover - runs in the child
         try:
             os.close(read_end)

@@ -18,6 +18,8 @@ import sys
 import pytest
 
 from sandbox.core import linux
+from sandbox.core.errors import SandboxError
+from sandbox.run.spawn import spawn
 from tests.conftest import launcher_env, need_kernel_sandbox
 
 WAYS = ("native", "ctypes", "fork")
@@ -119,3 +121,24 @@ def test_the_rlimit_backend_sets_its_limits_nice_and_marker(way: str) -> None:
     assert address_space != "unlimited" and int(address_space) >= 1024 * 1024, proc.stdout
     assert marker.startswith("aero-sandbox-"), proc.stdout
     assert int(nice) == os.getpriority(os.PRIO_PROCESS, 0)  # the caller's, not the watchdog's
+
+
+def test_a_sandbox_file_that_does_not_open_starts_nothing_and_keeps_no_fd() -> None:
+    """The native way opens the v1 `tasks` files before its clone: one that is gone (the cgroup
+    removed meanwhile) is the launcher's error (125), with no child and no fd left open."""
+    if linux.native_spawn is None:
+        pytest.skip("sandbox/core/_syscalls is not built (scripts/install builds it with gcc)")
+
+    class GoneCgroup:
+        def child_plan(self) -> linux.ChildSetup:
+            return linux.ChildSetup(joins=("/sys/fs/cgroup/no-such-aero-sandbox-cgroup/tasks",))
+
+    before = fds_and_children()
+    with pytest.raises(SandboxError, match="could not place the command in the sandbox"):
+        spawn(["true"], GoneCgroup(), set())  # type: ignore[arg-type]
+    assert fds_and_children() == before
+
+
+def fds_and_children() -> tuple[list[str], str]:
+    with open(f"/proc/self/task/{os.getpid()}/children") as f:
+        return sorted(os.listdir("/proc/self/fd")), f.read()

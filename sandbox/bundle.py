@@ -135,6 +135,8 @@ def use(path: str) -> bool:
         if len(head) < start + length:
             head = os.pread(fd, start + length, 0)
         index = marshal.loads(memoryview(head)[start : start + length])
+        if not _same_packages(index):
+            raise ValueError("another copy of the packages comes first on sys.path")
         if fd < 3:  # a standard fd the launcher was started without: not ours to keep
             finder = _Finder(index, os.pread(fd, code, start + length), -1)
             os.close(fd)
@@ -144,6 +146,17 @@ def use(path: str) -> bool:
         os.close(fd)
         return False
     sys.meta_path.insert(0, finder)
+    return True
+
+
+def _same_packages(index: _Index) -> bool:
+    """Whether each package of the file that is imported already (`sandbox`, whose module this
+    is) was imported from where the file's copy is: with PYTHONPATH naming another checkout, its
+    code comes first, as it would without the file, and no module of the file is mixed in."""
+    for name, (is_package, where, *_) in index.items():
+        module = sys.modules.get(name) if is_package and "." not in name else None
+        if module is not None and os.path.dirname(where) not in getattr(module, "__path__", ()):
+            return False
     return True
 
 

@@ -40,7 +40,12 @@ def demo_package(home: Path) -> Path:
 
 
 def show(home: Path, file: Path, source: Path) -> list[str]:
-    script = SHOW.format(home=str(home), root=str(ROOT), file=str(file), source=str(source))
+    return show_script(
+        SHOW.format(home=str(home), root=str(ROOT), file=str(file), source=str(source))
+    )
+
+
+def show_script(script: str) -> list[str]:
     proc = subprocess.run(
         [sys.executable, "-S", "-c", script], capture_output=True, text=True, timeout=60
     )
@@ -124,3 +129,18 @@ def test_a_launcher_started_without_stdin_keeps_fd_0_closed(tmp_path: Path) -> N
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["True", "_Finder True", "3 Unknown False", "closed"]
+
+
+def test_another_copy_first_on_the_path_is_used_whole(tmp_path: Path) -> None:
+    """PYTHONPATH naming another checkout: its package was imported from there before the
+    bundle, so the bundle (of the installed copy) is not used and no module of it mixes in."""
+    installed, other = tmp_path / "installed", tmp_path / "other"
+    installed.mkdir()
+    other.mkdir()
+    demo_package(installed)
+    source = demo_package(other)
+    file = tmp_path / "demo.bundle"
+    bundle.write(str(file), str(installed), ("demo",), extensions=())
+    script = SHOW.format(home=str(other), root=str(ROOT), file=str(file), source=str(source))
+    script = script.replace("from sandbox.bundle", "import demo\nfrom sandbox.bundle")
+    assert show_script(script) == ["False", "SourceFileLoader True", "3 Unknown True"]
